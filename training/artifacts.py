@@ -1,0 +1,371 @@
+"""Model versions on disk: the contract between training and the service (torch-only).
+
+Layout (see DESIGN.md)::
+
+    models/<name>/aliases.json            optional {"production": 3, "staging": 4}
+    models/<name>/<version>/weights.safetensors
+    models/<name>/<version>/model.json
+
+Publishing is atomic: the version is written into a hidden temporary folder inside
+``models/<name>/`` and renamed to the next free integer; rename(2) refuses a non-empty
+target, so concurrent publishers get distinct versions and a reader never sees a
+half-written one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+import torchvision
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from torch import nn
+
+from training.nets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, build_model
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+METADATA_FILE = "model.json"
+ALIASES_FILE = "aliases.json"
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+RESERVED_ALIASES = frozenset({"latest"})
+_TMP_PREFIX = ".tmp-"
+
+
+class ArtifactError(Exception):
+    """A model version (or the repository around it) is unusable; names the file and why."""
+
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class Preprocessing(BaseModel):
+    """How the service must turn an image into the network's input tensor."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    resize_size: int = Field(default=256, ge=8)
+    input_size: int = Field(default=224, ge=8)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bilinear"
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(s <= 0 for s in std):
+            raise ValueError(f"std must be positive, got {std}")
+        return std
+
+
+class Evaluation(BaseModel):
+    """Evaluation summary of a version on a held-out split."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    split: str = "test"
+    num_samples: int = Field(ge=0)
+    accuracy: float = Field(ge=0.0, le=1.0)
+    macro_f1: float = Field(ge=0.0, le=1.0)
+    per_class_f1: dict[str, float]
+
+
+class ModelMetadata(BaseModel):
+    """The content of ``model.json``: everything needed to rebuild and to serve a version."""
+
+    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
+
+    format_version: int
+    architecture: ModelConfig
+    class_names: list[str] = Field(min_length=2)
+    preprocessing: Preprocessing
+    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    evaluation: Evaluation
+    training_config_digest: str
+    created_at: datetime
+    torch_version: str
+    torchvision_version: str
+    description: str = ""
+
+    @field_validator("format_version")
+    @classmethod
+    def _known_format(cls, v: int) -> int:
+        if v != FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {v} is not supported (this reader knows {FORMAT_VERSION})"
+            )
+        return v
+
+    def check_consistent(self) -> None:
+        """Raise ValueError when the parts of the metadata disagree with each other."""
+        if len(self.class_names) != self.architecture.num_classes:
+            raise ValueError(
+                f"{len(self.class_names)} class_names but architecture.num_classes is "
+                f"{self.architecture.num_classes}"
+            )
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError("class_names has duplicates")
+        if self.preprocessing.input_size > self.preprocessing.resize_size:
+            raise ValueError(
+                f"input_size {self.preprocessing.input_size} exceeds resize_size "
+                f"{self.preprocessing.resize_size}"
+            )
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    name: str
+    version: int
+    path: Path
+
+
+@dataclass
+class LoadedVersion:
+    ref: VersionRef
+    metadata: ModelMetadata
+    model: nn.Module
+
+
+def validate_model_name(name: str) -> str:
+    if not MODEL_NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"invalid model name {name!r}: use 1-64 characters a-z 0-9 . _ -, "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def config_digest(config: Mapping[str, Any]) -> str:
+    """sha256 of a config's canonical JSON (sorted keys, no whitespace)."""
+    canonical = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+    net = inner if isinstance(inner, nn.Module) else model
+    # safetensors refuses shared or non-contiguous storage; copies cost little here.
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in net.state_dict().items()}
+
+
+def list_versions(model_dir: Path) -> list[int]:
+    """Published version numbers under ``models/<name>/``, ascending (temp folders skipped)."""
+    if not model_dir.is_dir():
+        return []
+    versions = []
+    for child in model_dir.iterdir():
+        if child.is_dir() and child.name.isdigit() and not child.name.startswith("0"):
+            versions.append(int(child.name))
+    return sorted(versions)
+
+
+def list_models(repo: Path) -> list[str]:
+    """Model names in the repository (folders with a valid name)."""
+    if not repo.is_dir():
+        return []
+    return sorted(c.name for c in repo.iterdir() if c.is_dir() and MODEL_NAME_RE.fullmatch(c.name))
+
+
+def publish_version(
+    repo: str | os.PathLike[str],
+    name: str,
+    model: nn.Module,
+    config: ModelConfig,
+    class_names: list[str] | tuple[str, ...],
+    evaluation: Evaluation | Mapping[str, Any],
+    preprocessing: Preprocessing | None = None,
+    training_config: Mapping[str, Any] | None = None,
+    description: str = "",
+    extra: Mapping[str, Any] | None = None,
+) -> VersionRef:
+    """Write ``model`` as the next version of ``name`` in ``repo`` and return where it went.
+
+    ``extra`` adds keys to ``model.json`` (for example the full resolved training config).
+    """
+    validate_model_name(name)
+    model_dir = Path(repo) / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir))
+    try:
+        weights_path = tmp / WEIGHTS_FILE
+        safetensors.torch.save_file(_state_dict_for_saving(model), str(weights_path))
+        metadata = ModelMetadata(
+            format_version=FORMAT_VERSION,
+            architecture=config,
+            class_names=list(class_names),
+            preprocessing=preprocessing or Preprocessing(),
+            weights_sha256=sha256_file(weights_path),
+            evaluation=Evaluation.model_validate(evaluation),
+            training_config_digest=config_digest(dict(training_config or {})),
+            created_at=datetime.now(UTC),
+            torch_version=torch.__version__,
+            torchvision_version=torchvision.__version__,
+            description=description,
+            **dict(extra or {}),
+        )
+        metadata.check_consistent()
+        (tmp / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n")
+        tmp.chmod(0o755)
+        return VersionRef(name, _rename_to_next_version(tmp, model_dir), model_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _rename_to_next_version(tmp: Path, model_dir: Path) -> int:
+    while True:
+        version = max(list_versions(model_dir), default=0) + 1
+        target = model_dir / str(version)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if target.exists():
+                continue  # another publisher took this number first
+            raise
+        return version
+
+
+def read_metadata(version_dir: str | os.PathLike[str]) -> ModelMetadata:
+    """Parse and validate ``model.json``; raise ArtifactError naming the problem."""
+    path = Path(version_dir) / METADATA_FILE
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ArtifactError(path, "missing") from None
+    except OSError as exc:
+        raise ArtifactError(path, f"unreadable: {exc.strerror}") from exc
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    try:
+        metadata = ModelMetadata.model_validate(raw)
+        metadata.check_consistent()
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ArtifactError(path, f"incomplete or invalid metadata: {problems}") from exc
+    except ValueError as exc:
+        raise ArtifactError(path, f"inconsistent metadata: {exc}") from exc
+    return metadata
+
+
+def read_weights(
+    version_dir: str | os.PathLike[str], expected_sha256: str
+) -> dict[str, torch.Tensor]:
+    """Read the weights once, check their sha256, and parse them from the same bytes."""
+    path = Path(version_dir) / WEIGHTS_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(path, "missing") from None
+    except OSError as exc:
+        raise ArtifactError(path, f"unreadable: {exc.strerror}") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected_sha256:
+        raise ArtifactError(
+            path,
+            f"sha256 mismatch: model.json says {expected_sha256[:12]}..., file has "
+            f"{actual[:12]}... ({len(data)} bytes); the file was modified or truncated",
+        )
+    try:
+        return safetensors.torch.load(data)
+    except Exception as exc:
+        raise ArtifactError(path, f"not a readable safetensors file: {exc}") from exc
+
+
+def parse_version_dir(version_dir: Path) -> VersionRef:
+    if not version_dir.name.isdigit() or version_dir.name.startswith("0"):
+        raise ArtifactError(version_dir, "a version folder must be named by a positive integer")
+    return VersionRef(version_dir.parent.name, int(version_dir.name), version_dir)
+
+
+def load_version(
+    version_dir: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+) -> LoadedVersion:
+    """Rebuild the network from ``model.json`` alone and load its checked weights (eval mode)."""
+    vdir = Path(version_dir)
+    ref = parse_version_dir(vdir)
+    metadata = read_metadata(vdir)
+    state = read_weights(vdir, metadata.weights_sha256)
+    model = build_model(metadata.architecture)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = " ".join(line.strip() for line in first[:3])
+        raise ArtifactError(
+            vdir / WEIGHTS_FILE, f"weights do not fit the architecture in model.json: {detail}"
+        ) from exc
+    model.eval()
+    model.to(map_location)
+    return LoadedVersion(ref=ref, metadata=metadata, model=model)
+
+
+def read_aliases(model_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """``aliases.json`` of a model ({} when absent); raise ArtifactError when malformed."""
+    path = Path(model_dir) / ALIASES_FILE
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ArtifactError(path, f"unreadable aliases: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ArtifactError(path, "aliases must be a JSON object of alias -> version")
+    aliases: dict[str, int] = {}
+    for alias, version in raw.items():
+        if not ALIAS_RE.fullmatch(alias) or alias in RESERVED_ALIASES:
+            raise ArtifactError(path, f"invalid alias name {alias!r}")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ArtifactError(
+                path, f"alias {alias!r} must point to a positive integer, got {version!r}"
+            )
+        aliases[alias] = version
+    return aliases
+
+
+def write_aliases(model_dir: str | os.PathLike[str], aliases: Mapping[str, int]) -> None:
+    """Replace ``aliases.json`` atomically (write a temp file, then rename over)."""
+    path = Path(model_dir) / ALIASES_FILE
+    for alias, version in aliases.items():
+        if not ALIAS_RE.fullmatch(alias) or alias in RESERVED_ALIASES:
+            raise ValueError(f"invalid alias name {alias!r}: use a-z 0-9 _ -, not 'latest'")
+        if not isinstance(version, int) or version < 1:
+            raise ValueError(f"alias {alias!r} must point to a positive integer, got {version!r}")
+    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent, suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(dict(sorted(aliases.items())), f, indent=2)
+            f.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
