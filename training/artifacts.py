@@ -229,7 +229,8 @@ def publish_version(
         metadata.check_consistent()
         (tmp / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n")
         tmp.chmod(0o755)
-        return VersionRef(name, _rename_to_next_version(tmp, model_dir), model_dir)
+        version = _rename_to_next_version(tmp, model_dir)
+        return VersionRef(name, version, model_dir / str(version))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
