@@ -1,0 +1,202 @@
+import json
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.artifacts import (
+    FORMAT_VERSION,
+    ArtifactError,
+    Preprocessing,
+    config_digest,
+    list_versions,
+    load_version,
+    publish_version,
+    read_aliases,
+    read_metadata,
+    sha256_file,
+    validate_model_name,
+    write_aliases,
+)
+from training.classes import CLASS_NAMES
+from training.nets import ModelConfig, build_model
+
+EVALUATION = {
+    "split": "test",
+    "num_samples": 120,
+    "accuracy": 0.75,
+    "macro_f1": 0.7,
+    "per_class_f1": dict.fromkeys(CLASS_NAMES, 0.7),
+}
+NAME = "waste-resnet18-cbam"
+
+
+def publish(repo: Path, config: ModelConfig | None = None, seed: int = 0, **kwargs: object) -> Path:
+    config = config or ModelConfig()
+    torch.manual_seed(seed)
+    model = build_model(config)
+    ref = publish_version(repo, NAME, model, config, CLASS_NAMES, EVALUATION, **kwargs)  # type: ignore[arg-type]
+    return ref.path
+
+
+@pytest.mark.parametrize(
+    "config",
+    [ModelConfig(), ModelConfig(arch="resnet34", cbam="block_post", ibn=True, head="bnneck")],
+    ids=["resnet18-block", "resnet34-post-ibn-bnneck"],
+)
+def test_round_trip_gives_identical_logits(tmp_path: Path, config: ModelConfig) -> None:
+    torch.manual_seed(3)
+    model = build_model(config)
+    # Make running statistics non-trivial so that buffers are part of the check.
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, 64, 64))
+    model.eval()
+    ref = publish_version(tmp_path, NAME, model, config, CLASS_NAMES, EVALUATION)
+    assert (ref.name, ref.version, ref.path) == (NAME, 1, tmp_path / NAME / "1")
+
+    loaded = load_version(ref.path)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded.model(x))
+    assert not loaded.model.training
+    assert loaded.metadata.architecture == config
+    assert loaded.ref.version == 1
+
+
+def test_model_json_describes_the_version(tmp_path: Path) -> None:
+    pre = Preprocessing(resize_size=73, input_size=64)
+    path = publish(tmp_path, preprocessing=pre, training_config={"epochs": 3, "lr": 0.1})
+    raw = json.loads((path / "model.json").read_text())
+    assert raw["format_version"] == FORMAT_VERSION
+    assert raw["class_names"] == list(CLASS_NAMES)
+    assert raw["architecture"]["arch"] == "resnet18"
+    assert raw["preprocessing"]["input_size"] == 64 and raw["preprocessing"]["resize_size"] == 73
+    assert raw["weights_sha256"] == sha256_file(path / "weights.safetensors")
+    assert raw["evaluation"]["macro_f1"] == 0.7
+    assert raw["training_config_digest"] == config_digest({"lr": 0.1, "epochs": 3})
+    assert raw["torch_version"] == torch.__version__
+    assert raw["created_at"]
+
+
+def test_versions_count_up_and_temp_folders_are_ignored(tmp_path: Path) -> None:
+    publish(tmp_path)
+    (tmp_path / NAME / ".tmp-abandoned").mkdir()
+    publish(tmp_path)
+    assert list_versions(tmp_path / NAME) == [1, 2]
+    assert sorted(p.name for p in (tmp_path / NAME).iterdir()) == [".tmp-abandoned", "1", "2"]
+
+
+def _publish_in_process(repo: str) -> int:
+    config = ModelConfig(cbam="none")
+    ref = publish_version(repo, NAME, build_model(config), config, CLASS_NAMES, EVALUATION)
+    return ref.version
+
+
+def test_concurrent_publishes_get_distinct_versions(tmp_path: Path) -> None:
+    # spawn, not fork: forking a process whose torch thread pools are running can deadlock.
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=3, mp_context=spawn) as pool:
+        versions = list(pool.map(_publish_in_process, [str(tmp_path)] * 4))
+    assert sorted(versions) == [1, 2, 3, 4]
+    assert sorted(os.listdir(tmp_path / NAME)) == sorted(str(v) for v in versions)
+    for v in versions:
+        read_metadata(tmp_path / NAME / str(v))
+
+
+def test_tampered_weights_are_refused(tmp_path: Path) -> None:
+    path = publish(tmp_path)
+    weights = path / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ArtifactError, match="sha256 mismatch") as err:
+        load_version(path)
+    assert err.value.path == weights
+
+
+def test_truncated_weights_are_refused(tmp_path: Path) -> None:
+    path = publish(tmp_path)
+    weights = path / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ArtifactError, match=r"sha256 mismatch.*\(1000 bytes\)"):
+        load_version(path)
+
+
+def test_unreadable_weights_with_matching_hash_are_refused(tmp_path: Path) -> None:
+    path = publish(tmp_path)
+    weights = path / "weights.safetensors"
+    weights.write_bytes(b"garbage")
+    meta = json.loads((path / "model.json").read_text())
+    meta["weights_sha256"] = sha256_file(weights)
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="not a readable safetensors file"):
+        load_version(path)
+
+
+def test_weights_that_do_not_fit_the_architecture(tmp_path: Path) -> None:
+    path = publish(tmp_path)
+    meta = json.loads((path / "model.json").read_text())
+    meta["architecture"]["arch"] = "resnet34"
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match="do not fit the architecture"):
+        load_version(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda m: m.pop("weights_sha256"), "weights_sha256: Field required"),
+        (lambda m: m.pop("evaluation"), "evaluation: Field required"),
+        (lambda m: m["preprocessing"].update(std=[0.2, 0.0, 0.2]), "std must be positive"),
+        (lambda m: m.update(format_version=99), "format_version 99 is not supported"),
+        (lambda m: m.update(class_names=m["class_names"][:5]), "5 class_names but"),
+        (lambda m: m["architecture"].update(cbam="everywhere"), "architecture.cbam"),
+    ],
+)
+def test_incomplete_metadata_names_the_problem(tmp_path: Path, edit, message: str) -> None:  # type: ignore[no-untyped-def]
+    path = publish(tmp_path)
+    meta = json.loads((path / "model.json").read_text())
+    edit(meta)
+    (path / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=message) as err:
+        load_version(path)
+    assert err.value.path == path / "model.json"
+
+
+def test_missing_and_broken_model_json(tmp_path: Path) -> None:
+    path = publish(tmp_path)
+    (path / "model.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        read_metadata(path)
+    (path / "model.json").unlink()
+    with pytest.raises(ArtifactError, match="model.json: missing"):
+        load_version(path)
+
+
+def test_publish_refuses_inconsistent_metadata_and_leaves_nothing(tmp_path: Path) -> None:
+    config = ModelConfig(num_classes=5)
+    with pytest.raises(ValueError, match="12 class_names but architecture.num_classes is 5"):
+        publish_version(tmp_path, NAME, build_model(config), config, CLASS_NAMES, EVALUATION)
+    assert os.listdir(tmp_path / NAME) == []
+
+
+@pytest.mark.parametrize("name", ["", "Waste", "-x", "a" * 65, "a/b", "..", "waste model"])
+def test_invalid_model_names(name: str) -> None:
+    with pytest.raises(ValueError, match="invalid model name"):
+        validate_model_name(name)
+
+
+def test_aliases_round_trip_and_validation(tmp_path: Path) -> None:
+    assert read_aliases(tmp_path) == {}
+    write_aliases(tmp_path, {"staging": 4, "production": 3})
+    assert read_aliases(tmp_path) == {"production": 3, "staging": 4}
+    assert [p.name for p in tmp_path.iterdir()] == ["aliases.json"]
+    with pytest.raises(ValueError, match="'latest'"):
+        write_aliases(tmp_path, {"latest": 1})
+    (tmp_path / "aliases.json").write_text(json.dumps({"production": "three"}))
+    with pytest.raises(ArtifactError, match="must point to a positive integer"):
+        read_aliases(tmp_path)
