@@ -1,0 +1,36 @@
+"""The README's commands are the ones CI and users run."""
+
+import re
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    return re.findall(r"```bash\n(.+?)\n```", text, flags=re.S)
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
+    test_command = readme_commands()[1]
+    assert ci[-1] == test_command
+    assert "pytest" in test_command
+
+
+def test_readme_opens_with_the_service_then_the_tests() -> None:
+    serve, test = readme_commands()[:2]
+    for command in (serve, test):
+        assert command.startswith("python3.11 -m venv .venv && .venv/bin/pip install -e ")
+    assert serve.endswith(".venv/bin/python -m app")
+
+
+def test_pins_and_lean_serving_install() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "torch==2.14.1" in project["dependencies"]
+    assert "torchvision==0.29.1" in project["dependencies"]
+    core = " ".join(project["dependencies"])
+    for training_only in ("scikit-learn", "matplotlib", "tqdm"):
+        assert training_only not in core
+        assert any(training_only in d for d in project["optional-dependencies"]["train"])
