@@ -1,0 +1,485 @@
+"""Command line: ``python -m training {train,evaluate,predict,synth,ablate,publish}``.
+
+Every TrainConfig setting is also a flag of ``train`` and ``ablate``, generated from the
+config's own field descriptions, so the help text and the defaults cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+from pydantic.fields import FieldInfo
+
+from training.config import ConfigError, TrainConfig, load_config, merge, read_config_file
+
+# Settings that may change when a run is resumed; everything else must stay as it was.
+RESUMABLE = frozenset(
+    {
+        "device",
+        "num_workers",
+        "progress",
+        "log_every",
+        "time_limit_s",
+        "eval_batch_size",
+        "publish_repo",
+        "publish_name",
+        "description",
+    }
+)
+MODEL_HELP = {
+    "arch": "backbone",
+    "cbam": "CBAM placement: none, stage (after each stage), block (in every residual "
+    "block, on the branch), block_post (after each block's addition)",
+    "cbam_stages": "which of layer1..4 get attention, e.g. --cbam-stages 3 4",
+    "cbam_reduction": "channel-gate MLP reduction ratio",
+    "cbam_kernel_size": "spatial-gate convolution size (odd)",
+    "ibn": "IBN-a normalisation in layers 1-3",
+    "head": "classifier head: linear, or bnneck (BatchNorm before a bias-free linear)",
+}
+SKIP_FIELDS = {"model", "augment", "pretrained", "pretrained_path"}
+ALIASES = {
+    "data_dir": ["--data", "--data-dir"],
+    "out_dir": ["--out-dir", "--out"],
+    "publish_repo": ["--publish", "--publish-repo"],
+}
+
+TRAIN_EPILOG = """\
+examples:
+  # 1. a dataset folder with one sub-folder per class (brown-glass or brown_glass both work)
+  python -m training train --data data/garbage_classification --out runs/r18-cbam \\
+      --pretrained ~/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth --publish models/
+
+  # 2. settings from a file (TOML or JSON; flags override it)
+  python -m training train --config configs/r18.toml --epochs 5
+
+  # 3. several GPUs on one machine (or nodes: see torchrun --help)
+  torchrun --nproc_per_node 4 -m training train --config configs/r18.toml
+
+  # 4. continue an interrupted run from its last checkpoint
+  python -m training train --resume runs/r18-cbam
+
+Pretrained weights are never downloaded. By default torchvision's cache
+($TORCH_HOME/hub/checkpoints) is searched; --pretrained PATH names a file and
+--no-pretrained trains from random weights.
+"""
+
+
+def _unwrap_optional(annotation: Any) -> tuple[Any, bool]:
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        optional = len(args) < len(get_args(annotation))
+        if len(args) == 1:
+            return args[0], optional
+        return Union[tuple(args)], optional  # noqa: UP007
+    return annotation, False
+
+
+def _parse_optional(convert: Any) -> Any:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")
+    return parse
+
+
+def _int_or_auto(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
+def _add_field(
+    group: argparse._ArgumentGroup,
+    name: str,
+    info: FieldInfo,
+    dest: str,
+    flags: list[str],
+    help_text: str,
+) -> None:
+    annotation, optional = _unwrap_optional(info.annotation)
+    default = info.get_default(call_default_factory=True)
+    shown = default if not isinstance(default, tuple) else " ".join(str(v) for v in default)
+    help_text = f"{help_text} (default: {shown})"
+    kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
+    origin = get_origin(annotation)
+    if annotation is bool:
+        group.add_argument(*flags, action=argparse.BooleanOptionalAction, **kwargs)
+        return
+    if origin is Literal:
+        group.add_argument(*flags, choices=[str(a) for a in get_args(annotation)], **kwargs)
+        return
+    if origin is tuple:
+        args = get_args(annotation)
+        item = args[0]
+        nargs: int | str = "+" if len(args) == 2 and args[1] is Ellipsis else len(args)
+        group.add_argument(*flags, nargs=nargs, type=item, metavar=item.__name__.upper(), **kwargs)
+        return
+    if origin in (Union, types.UnionType):  # int | Literal["auto"]
+        group.add_argument(*flags, type=_int_or_auto, metavar="N|auto", **kwargs)
+        return
+    convert = annotation if annotation in (int, float, str, Path) else str
+    if optional:
+        convert = _parse_optional(convert)
+        kwargs["help"] += "; 'none' unsets it"
+    group.add_argument(*flags, type=convert, metavar=name.upper().split("_")[-1], **kwargs)
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig setting (dest ``name``, ``model.name`` or ``augment.name``)."""
+    from training.data import AugmentConfig
+    from training.nets import ModelConfig
+
+    parser.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML or JSON file with settings (a run's config.json works); flags override it",
+    )
+    groups = {
+        "data": parser.add_argument_group("data"),
+        "network": parser.add_argument_group("network"),
+        "strategy": parser.add_argument_group("strategy and optimisation"),
+        "hardware": parser.add_argument_group("hardware"),
+        "outputs": parser.add_argument_group("outputs"),
+    }
+    section = "data"
+    boundaries = {
+        "model": "network",
+        "strategy": "strategy",
+        "device": "hardware",
+        "out_dir": "outputs",
+    }
+    for name, info in TrainConfig.model_fields.items():
+        section = boundaries.get(name, section)
+        if name in SKIP_FIELDS:
+            continue
+        flags = ALIASES.get(name, ["--" + name.replace("_", "-")])
+        _add_field(groups[section], name, info, name, flags, info.description or name)
+    net = groups["network"]
+    net.add_argument(
+        "--pretrained",
+        dest="pretrained_path",
+        type=Path,
+        metavar="PATH",
+        default=argparse.SUPPRESS,
+        help="torchvision ResNet state dict to start from (default: look in torchvision's "
+        "cache, and stop with instructions when it is not there)",
+    )
+    net.add_argument(
+        "--no-pretrained",
+        dest="pretrained",
+        action="store_false",
+        default=argparse.SUPPRESS,
+        help="train from random weights (no ImageNet initialisation)",
+    )
+    for name, info in ModelConfig.model_fields.items():
+        if name == "num_classes":
+            continue
+        _add_field(
+            net,
+            name,
+            info,
+            f"model.{name}",
+            ["--" + name.replace("_", "-")],
+            MODEL_HELP.get(name, name),
+        )
+    aug = parser.add_argument_group("augmentation (training only)")
+    for name, info in AugmentConfig.model_fields.items():
+        flag = "--aug-" + name.replace("_", "-")
+        _add_field(aug, name, info, f"augment.{name}", [flag], info.description or name)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Nested dict of the flags the user actually gave."""
+    out: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if dest in ("command", "config", "resume", "func") or dest.startswith("_"):
+            continue
+        if dest not in TrainConfig.model_fields and "." not in dest:
+            continue
+        target = out
+        *parents, leaf = dest.split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = str(value) if isinstance(value, Path) else value
+    if "pretrained_path" in out and out["pretrained_path"] is not None:
+        out.setdefault("pretrained", True)
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return load_config(args.config, overrides_from_args(args))
+
+
+def _changed_keys(base: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            keys += _changed_keys(base[key], value, f"{prefix}{key}.")
+        elif base.get(key) != value:
+            keys.append(prefix + key)
+    return keys
+
+
+def resume_config(run_dir: Path, args: argparse.Namespace) -> TrainConfig:
+    """The run's saved config; only settings that do not change the result may be overridden."""
+    base = read_config_file(run_dir / "config.json")
+    overrides = overrides_from_args(args)
+    if args.config is not None:
+        overrides = merge(read_config_file(args.config), overrides)
+    candidate = load_config(None, merge(base, overrides)).to_json_dict()
+    changed = [k for k in _changed_keys(base, candidate) if k not in RESUMABLE]
+    if changed:
+        raise ConfigError(
+            f"cannot change {', '.join(changed)} when resuming {run_dir}; only "
+            f"{', '.join(sorted(RESUMABLE))} may differ (start a new run instead)"
+        )
+    return load_config(None, candidate)
+
+
+# ------------------------------------------------------------------------- commands
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.trainer import train
+
+    if args.resume is not None:
+        run_dir = args.resume if args.resume.is_dir() else args.resume.parent.parent
+        config = resume_config(run_dir, args)
+    else:
+        config = config_from_args(args)
+    train(config, resume=args.resume)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluation import evaluate_source
+
+    evaluate_source(
+        args.source,
+        data_dir=args.data,
+        splits_file=args.splits,
+        split=args.split,
+        out_dir=args.out,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+    )
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from training.distributed import resolve_device
+    from training.inference import find_images, load_predictor, predict_images, write_predictions
+
+    predictor = load_predictor(args.source, resolve_device(args.device))
+    paths = find_images(args.images)
+    if not paths:
+        raise ConfigError(f"no images found under {args.images}")
+    print(f"{predictor.source}: predicting {len(paths)} images")
+    rows = predict_images(predictor, paths, top_k=args.top_k, batch_size=args.batch_size)
+    write_predictions(rows, args.out, top_k=min(args.top_k, len(predictor.class_names)))
+    failed = sum(1 for r in rows if r["error"])
+    print(f"wrote {args.out} ({len(rows) - failed} predicted, {failed} unreadable)")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from training.synth import generate_synthetic_dataset
+
+    counts = generate_synthetic_dataset(
+        args.out,
+        images_per_class=args.images_per_class,
+        size=args.size,
+        seed=args.seed,
+        image_format=args.format,
+        progress=True,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {sum(counts.values())} synthetic images ({len(counts)} classes) to {args.out}")
+    return 0
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from training.ablate import ablate
+
+    config = config_from_args(args)
+    if config.out_dir is None:
+        raise ConfigError("ablate needs --out-dir DIR for its runs and comparison table")
+    ablate(config, placements=args.placements, ibn=args.with_ibn, bnneck=args.with_bnneck)
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    from training.publish import publish_run
+
+    ref = publish_run(args.run_dir, args.repo, args.name, args.description or "")
+    print(f"published {ref.name} version {ref.version} at {ref.path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train, evaluate and publish the waste-image classifier (12 classes). "
+        "Start with `python -m training train --help`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="typical path: synth (or your dataset) -> train -> evaluate -> publish -> "
+        "the service serves models/<name>/<version>",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="train a model on an image folder (writes a run directory)",
+        description="Fine-tune ResNet-CBAM on an image folder. Writes config.json, splits.json, "
+        "history.json, metrics.json, checkpoints/ and plots/ into the run directory, and with "
+        "--publish a new model version.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EPILOG,
+    )
+    p.add_argument(
+        "--resume",
+        type=Path,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR (or a last.pt) after its last completed epoch",
+    )
+    add_config_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="evaluate a run, checkpoint or model version on a data split",
+        description="Compute test metrics (accuracy, macro-F1, per-class precision/recall/F1/"
+        "ROC-AUC/AP, confusion matrix) and plots. For a run directory the default data is "
+        "the run's own test split and the results go into the run directory.",
+    )
+    p.add_argument(
+        "source", type=Path, help="run directory, .pt checkpoint, or models/<name>/<version>"
+    )
+    p.add_argument("--data", type=Path, help="image folder to evaluate on (split with --seed)")
+    p.add_argument("--splits", type=Path, help="a splits.json to take the file lists from")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="which split to evaluate (default: test; 'all' uses every image)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="split seed for --data (default: 0)")
+    p.add_argument(
+        "--out", type=Path, help="output folder (default: the run directory, else ./eval)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "predict",
+        help="classify every image in a folder, write CSV or JSON with top-k classes",
+        description="Batch inference over a folder (recursive). Unreadable files get an error "
+        "entry instead of stopping the run.",
+    )
+    p.add_argument(
+        "source", type=Path, help="models/<name>/<version>, run directory, or .pt checkpoint"
+    )
+    p.add_argument("images", type=Path, help="folder of images")
+    p.add_argument("--out", type=Path, required=True, help="output file: .csv or .json")
+    p.add_argument("--top-k", type=int, default=3, help="classes per image (default: 3)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "synth",
+        help="generate a SYNTHETIC 12-class image set (for tests, CI and demos)",
+        description="Draw a synthetic, learnable-but-not-trivial 12-class image set: one "
+        "folder per class. These are not photos of waste.",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--images-per-class", type=int, default=100, help="(default: 100)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
+    p.add_argument("--format", choices=["jpg", "png"], default="jpg", help="(default: jpg)")
+    p.add_argument("--overwrite", action="store_true", help="replace images already in --out")
+    p.set_defaults(func=cmd_synth)
+
+    p = sub.add_parser(
+        "ablate",
+        help="train the same budget with each CBAM placement and compare",
+        description="Train one run per variant (CBAM none/stage/block/block_post, optionally "
+        "with IBN-a and BNNeck) on the same split, epochs and seed; print and save a "
+        "comparison table (ablation.md, ablation.json) in --out-dir.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  python -m training ablate --data data/synth --out-dir runs/ablation "
+        "--no-pretrained --strategy differential --epochs 5 --with-ibn --with-bnneck",
+    )
+    p.add_argument(
+        "--placements",
+        nargs="+",
+        default=["none", "stage", "block", "block_post"],
+        choices=["none", "stage", "block", "block_post"],
+        help="CBAM placements to compare (default: all four)",
+    )
+    p.add_argument(
+        "--with-ibn", action="store_true", help="add a variant: the base placement with IBN-a"
+    )
+    p.add_argument(
+        "--with-bnneck", action="store_true", help="add a variant: the base placement with BNNeck"
+    )
+    add_config_flags(p)
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser(
+        "publish",
+        help="publish a run's best checkpoint as the next model version",
+        description="Write RUN_DIR's best checkpoint with its test metrics as the next version "
+        "of a model: REPO/<name>/<version>/ (weights.safetensors + model.json).",
+    )
+    p.add_argument(
+        "run_dir", type=Path, help="run directory (with checkpoints/best.pt and metrics.json)"
+    )
+    p.add_argument(
+        "--repo", type=Path, default=Path("models"), help="model repository (default: models)"
+    )
+    p.add_argument(
+        "--name", help="model name (default: from the run's config, e.g. waste-resnet18-block)"
+    )
+    p.add_argument("--description", help="free text stored in model.json")
+    p.set_defaults(func=cmd_publish)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from training.artifacts import ArtifactError
+    from training.checkpoint import CheckpointError
+    from training.data import DatasetError
+    from training.nets import PretrainedWeightsError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code: int = args.func(args)
+        return code
+    except (
+        ConfigError,
+        DatasetError,
+        PretrainedWeightsError,
+        CheckpointError,
+        ArtifactError,
+        FileNotFoundError,
+        ValueError,
+    ) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

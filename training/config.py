@@ -1,0 +1,331 @@
+"""TrainConfig: the one typed source of training defaults.
+
+A run's settings come from three layers, later ones winning: the defaults below, a config
+file (TOML or JSON, same keys, ``[model]`` and ``[augment]`` as tables), and command-line
+flags. The resolved config is saved as ``config.json`` in the run directory, and that file
+can be passed back as ``--config`` to repeat the run.
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from training.artifacts import Preprocessing
+from training.data import AugmentConfig
+from training.nets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+
+Strategy = Literal["frozen", "differential", "three_stage"]
+SchedulerName = Literal["cosine", "plateau", "constant"]
+OptimizerName = Literal["adamw", "sgd"]
+BestMetric = Literal["val_macro_f1", "val_acc", "val_loss"]
+AmpMode = Literal["auto", "bf16", "fp16", "off"]
+
+
+class ConfigError(ValueError):
+    """A config file or flag is invalid; the message names the file, key and value."""
+
+
+class TrainConfig(BaseModel):
+    """Every setting of a training run. See ``python -m training train --help``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    # --- data -----------------------------------------------------------------------------
+    data_dir: Path | None = Field(
+        default=None,
+        description="image folder: one sub-folder per class, or train/ val/ test/ of those",
+    )
+    splits_file: Path | None = Field(
+        default=None,
+        description="reuse the file lists of an earlier run (its splits.json) instead of "
+        "splitting data_dir again",
+    )
+    val_fraction: float = Field(
+        default=0.15, gt=0.0, lt=1.0, description="share of each class for validation"
+    )
+    test_fraction: float = Field(
+        default=0.15, gt=0.0, lt=1.0, description="share of each class for the test split"
+    )
+    verify_images: bool = Field(
+        default=True,
+        description="open every image once before training and skip unreadable ones",
+    )
+    input_size: int = Field(default=224, ge=16, description="network input size in pixels")
+    resize_size: int = Field(
+        default=256,
+        ge=16,
+        description="evaluation resizes the short side to this, then center-crops input_size",
+    )
+    mean: tuple[float, float, float] = Field(
+        default=IMAGENET_MEAN, description="normalisation mean (match the pretrained weights)"
+    )
+    std: tuple[float, float, float] = Field(
+        default=IMAGENET_STD, description="normalisation std (match the pretrained weights)"
+    )
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    batch_size: int = Field(default=32, ge=1, description="images per step and per process")
+    eval_batch_size: int | None = Field(
+        default=None, ge=1, description="images per evaluation batch (default: 2 x batch_size)"
+    )
+    num_workers: int | Literal["auto"] = Field(
+        default="auto",
+        description="data-loading worker processes per training process; auto: 0 on a CPU "
+        "with 2 or fewer cores, else up to 8 leaving cores for the training threads",
+    )
+    weighted_sampler: bool = Field(
+        default=False,
+        description="draw training images with probability inversely proportional to their "
+        "class size (balances classes per epoch)",
+    )
+    weighted_loss: bool = Field(
+        default=False,
+        description="weight the loss of each class by its inverse frequency in the train split",
+    )
+
+    # --- network ---------------------------------------------------------------------------
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    pretrained: bool = Field(
+        default=True,
+        description="start from ImageNet weights (local file or torchvision cache; never "
+        "downloaded); --no-pretrained trains from random initialisation",
+    )
+    pretrained_path: Path | None = Field(
+        default=None,
+        description="torchvision ResNet state dict to start from (default: torchvision's cache)",
+    )
+
+    # --- strategy and optimisation -----------------------------------------------------------
+    strategy: Strategy = Field(
+        default="three_stage",
+        description="frozen: train head + attention only; differential: everything, one LR "
+        "per group; three_stage: head + attention, then the last unfreeze_stages stages, "
+        "then everything",
+    )
+    epochs: int | None = Field(
+        default=None,
+        ge=1,
+        description="epochs for frozen/differential (default 10); three_stage uses "
+        "stage_epochs and accepts epochs only when it equals their sum",
+    )
+    stage_epochs: tuple[int, int, int] = Field(
+        default=(2, 4, 4), description="three_stage: epochs of stage 1, 2 and 3 (0 skips one)"
+    )
+    unfreeze_stages: int = Field(
+        default=2,
+        ge=1,
+        le=4,
+        description="three_stage: stage 2 also trains the last N of layer1..layer4",
+    )
+    stage_lr_scale: tuple[float, float, float] = Field(
+        default=(1.0, 0.5, 0.1),
+        description="three_stage: every group's LR is multiplied by this in stage 1, 2, 3",
+    )
+    lr_backbone: float = Field(default=1e-5, gt=0, description="LR of stem and layer1..4")
+    lr_attention: float = Field(default=1e-4, gt=0, description="LR of the CBAM modules")
+    lr_head: float = Field(default=1e-3, gt=0, description="LR of the classifier head")
+    optimizer: OptimizerName = Field(default="adamw", description="adamw or sgd (nesterov)")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd momentum")
+    weight_decay: float = Field(
+        default=0.01, ge=0, description="weight decay (not applied to biases and norm scales)"
+    )
+    scheduler: SchedulerName = Field(
+        default="cosine",
+        description="cosine: per-step cosine decay after a linear warm-up, restarted at each "
+        "stage; plateau: divide LRs when the validation metric stalls; constant",
+    )
+    warmup_epochs: float = Field(
+        default=1.0, ge=0, description="cosine: linear warm-up length at the start of each stage"
+    )
+    min_lr_ratio: float = Field(
+        default=0.01,
+        ge=0,
+        le=1,
+        description="cosine and plateau: the LR never goes below this x start LR",
+    )
+    plateau_factor: float = Field(default=0.1, gt=0, lt=1, description="plateau: LR multiplier")
+    plateau_patience: int = Field(
+        default=2, ge=0, description="plateau: epochs without improvement before reducing"
+    )
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1, description="cross-entropy smoothing")
+    ema_decay: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="keep an exponential moving average of the weights (e.g. 0.999); "
+        "validation, test and the published model then use the average",
+    )
+    grad_clip_norm: float | None = Field(
+        default=None, gt=0, description="clip the global gradient norm to this"
+    )
+    freeze_bn_stats: bool = Field(
+        default=True,
+        description="keep the running statistics of frozen BatchNorm layers fixed",
+    )
+    best_metric: BestMetric = Field(
+        default="val_macro_f1", description="validation metric that picks the best checkpoint"
+    )
+    seed: int = Field(default=0, ge=0, description="seed for splitting, initialisation and order")
+    deterministic: bool = Field(
+        default=False, description="ask for deterministic kernels (slower on GPU)"
+    )
+    time_limit_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="stop after the epoch during which this many seconds have passed",
+    )
+
+    # --- hardware ------------------------------------------------------------------------
+    device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+    amp: AmpMode = Field(
+        default="auto",
+        description="mixed precision on CUDA: auto picks bf16 where supported, else fp16 "
+        "with a gradient scaler; CPU always runs float32",
+    )
+    channels_last: bool = Field(
+        default=True, description="channels-last memory layout on CUDA (ignored on CPU)"
+    )
+    sync_bn: bool = Field(
+        default=False, description="SyncBatchNorm across processes (multi-GPU only)"
+    )
+
+    # --- outputs -------------------------------------------------------------------------
+    out_dir: Path | None = Field(
+        default=None, description="run directory (default: runs/<timestamp>)"
+    )
+    log_every: int = Field(
+        default=10, ge=1, description="refresh the progress bar's loss every N steps"
+    )
+    progress: bool = Field(default=True, description="show a progress bar per epoch")
+    publish_repo: Path | None = Field(
+        default=None,
+        description="after training, publish the best checkpoint into this model repository",
+    )
+    publish_name: str | None = Field(
+        default=None, description="model name to publish under (default: waste-<arch>-<cbam>)"
+    )
+    description: str = Field(default="", description="description stored with the version")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        if self.val_fraction + self.test_fraction >= 0.9:
+            raise ValueError(
+                f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:.2f} "
+                "leaves too little for training (must be < 0.9)"
+            )
+        if self.input_size > self.resize_size:
+            raise ValueError(f"input_size {self.input_size} exceeds resize_size {self.resize_size}")
+        if any(e < 0 for e in self.stage_epochs):
+            raise ValueError(f"stage_epochs must be >= 0, got {list(self.stage_epochs)}")
+        if any(not s > 0 for s in self.stage_lr_scale):
+            raise ValueError(f"stage_lr_scale must be > 0, got {list(self.stage_lr_scale)}")
+        if self.strategy == "three_stage":
+            if sum(self.stage_epochs) < 1:
+                raise ValueError("stage_epochs must add up to at least 1 epoch")
+            if self.epochs is not None and self.epochs != sum(self.stage_epochs):
+                raise ValueError(
+                    f"epochs={self.epochs} disagrees with stage_epochs "
+                    f"{list(self.stage_epochs)} (sum {sum(self.stage_epochs)}); three_stage "
+                    "takes its length from stage_epochs"
+                )
+        if any(s <= 0 for s in self.std):
+            raise ValueError(f"std must be positive, got {list(self.std)}")
+        if self.publish_name is not None:
+            from training.artifacts import validate_model_name
+
+            validate_model_name(self.publish_name)
+        if self.device != "auto" and not (
+            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
+        ):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        return self
+
+    @property
+    def total_epochs(self) -> int:
+        if self.strategy == "three_stage":
+            return sum(self.stage_epochs)
+        return self.epochs if self.epochs is not None else 10
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(
+            resize_size=self.resize_size,
+            input_size=self.input_size,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    @property
+    def model_name(self) -> str:
+        return self.publish_name or f"waste-{self.model.arch}-{self.model.cbam.replace('_', '-')}"
+
+    def to_json_dict(self) -> dict[str, Any]:
+        """Plain JSON types (paths as strings), as saved in ``config.json``."""
+        return self.model_dump(mode="json")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Parse a TOML or JSON config file into a dict (not yet validated)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} is unreadable: {exc.strerror}") from exc
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".toml":
+            data: Any = tomllib.loads(text)
+        elif suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"config file {path} must end in .toml or .json")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"config file {path} is not valid JSON: {exc.msg} at line {exc.lineno}"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a table/object of settings")
+    return data
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge: ``override`` wins; nested tables merge key by key."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<config>"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        problems.append(f"{loc}: {err['msg']}{shown}")
+    return f"invalid training config from {source}: " + "; ".join(problems)
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then the file at ``path``, then ``overrides`` (nested dicts for model/augment)."""
+    data: dict[str, Any] = read_config_file(path) if path is not None else {}
+    data = merge(data, overrides or {})
+    source = f"{path} and flags" if path is not None else "flags"
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from exc
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.to_json_dict(), indent=2) + "\n")
