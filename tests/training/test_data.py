@@ -27,6 +27,7 @@ from training.data import (
     DatasetError,
     DataSplits,
     ImageDataset,
+    RandomHueRotation,
     Sample,
     check_image_file,
     class_counts,
@@ -401,6 +402,24 @@ def test_train_transform_is_random_reproducible_and_picklable() -> None:
     # Palette and alpha images go through to_rgb first.
     assert transform(_photo(mode="P")).shape == (3, 32, 32)
     assert transform(_photo(mode="RGBA")).shape == (3, 32, 32)
+
+
+def test_hue_rotation_keeps_grey_and_brightness_and_turns_colours() -> None:
+    img = Image.fromarray(
+        np.array([[[128, 128, 128], [160, 80, 80], [40, 160, 60]]], dtype=np.uint8)
+    )
+    same = np.asarray(img.convert("RGB", RandomHueRotation.matrix(0.0)), dtype=int)
+    assert np.abs(same - np.asarray(img, dtype=int)).max() <= 1
+    third = np.asarray(img.convert("RGB", RandomHueRotation.matrix(1 / 3)), dtype=int)
+    assert np.abs(third[0, 0] - 128).max() <= 1  # grey stays grey
+    # A third of a turn moves a red pixel's dominant channel away from red.
+    assert third[0, 1].argmax() != 0
+    luma = np.array([0.299, 0.587, 0.114])
+    assert abs(third[0, 1] @ luma - np.array([160, 80, 80]) @ luma) < 2
+    torch.manual_seed(0)
+    a = np.asarray(RandomHueRotation(0.05)(img))
+    torch.manual_seed(0)
+    assert np.array_equal(a, np.asarray(RandomHueRotation(0.05)(img)))
 
 
 def test_rotation_fills_corners_with_the_mean() -> None:
