@@ -234,6 +234,8 @@ def _series(records: Sequence[Mapping[str, Any]], key: str) -> tuple[list[float]
 
 def plot_loss_per_iteration(history: Mapping[str, Any], path: Path) -> Path:
     """Training loss at every step, with a moving average and epoch boundaries."""
+    from matplotlib.ticker import MaxNLocator
+
     iterations = history.get("iterations") or []
     fig = _figure(8, 4)
     ax = fig.add_subplot()
@@ -242,8 +244,9 @@ def plot_loss_per_iteration(history: Mapping[str, Any], path: Path) -> Path:
     else:
         steps = np.array([float(it["step"]) for it in iterations])
         loss = np.array([float(it["loss"]) for it in iterations])
-        ax.plot(steps, loss, color="tab:blue", alpha=0.35, linewidth=0.8, label="loss")
         window = max(1, len(loss) // 30)
+        alpha = 0.35 if window > 1 else 1.0
+        ax.plot(steps, loss, color="tab:blue", alpha=alpha, linewidth=0.8, label="loss")
         if window > 1:
             smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
             ax.plot(
@@ -259,6 +262,7 @@ def plot_loss_per_iteration(history: Mapping[str, Any], path: Path) -> Path:
             for x in boundaries:
                 ax.axvline(x, color="0.85", linewidth=0.8, zorder=0)
         ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel("training loss")
         ax.legend(loc="upper right")
     ax.set_title("Loss per iteration")
@@ -267,6 +271,8 @@ def plot_loss_per_iteration(history: Mapping[str, Any], path: Path) -> Path:
 
 def plot_epoch_curves(history: Mapping[str, Any], path: Path) -> Path:
     """Loss and accuracy per epoch, train vs val (plus learning rates), stages marked."""
+    from matplotlib.ticker import MaxNLocator
+
     epochs = history.get("epochs") or []
     has_lr = any(isinstance(r.get("lr"), Mapping) and r["lr"] for r in epochs)
     panels = 3 if has_lr else 2
@@ -319,6 +325,7 @@ def plot_epoch_curves(history: Mapping[str, Any], path: Path) -> Path:
                 color="0.35",
             )
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_lines():
             ax.legend(loc="best", fontsize=8)
     fig.suptitle("Per-epoch curves")
