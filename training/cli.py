@@ -22,6 +22,7 @@ RESUMABLE = frozenset(
     {
         "device",
         "num_workers",
+        "plots",
         "progress",
         "log_every",
         "time_limit_s",

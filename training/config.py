@@ -201,6 +201,7 @@ class TrainConfig(BaseModel):
         default=10, ge=1, description="refresh the progress bar's loss every N steps"
     )
     progress: bool = Field(default=True, description="show a progress bar per epoch")
+    plots: bool = Field(default=True, description="write the PNG plots at the end of the run")
     publish_repo: Path | None = Field(
         default=None,
         description="after training, publish the best checkpoint into this model repository",

@@ -69,6 +69,8 @@ BEST = "best.pt"
 
 @dataclass
 class RunResult:
+    """What a run produced. ``model`` is this process's network with its final weights."""
+
     run_dir: Path
     best_epoch: int
     best_value: float
@@ -76,6 +78,7 @@ class RunResult:
     metrics: dict[str, Any] | None
     version: VersionRef | None
     stopped_early: bool
+    model: nn.Module
 
 
 class RunLog:
@@ -512,9 +515,10 @@ def _train(
         metrics["split"] = "test"
         metrics["best_epoch"] = best["epoch"]
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        plots = write_plots(run_dir, history, te["targets"], te["probs"], metrics, splits)
         log(format_metrics_table(metrics))
-        log(f"wrote {len(plots)} plots to {run_dir / 'plots'}")
+        if config.plots:
+            plots = write_plots(run_dir, history, te["targets"], te["probs"], metrics, splits)
+            log(f"wrote {len(plots)} plots to {run_dir / 'plots'}")
         log(
             f"best epoch {best['epoch']} (stage {best['stage']}): val macro-F1 "
             f"{best['val_macro_f1']:.3f}, val acc {best['val_acc']:.3f}, val loss "
@@ -537,4 +541,5 @@ def _train(
         metrics=metrics,
         version=version,
         stopped_early=stopped_early,
+        model=model,
     )
