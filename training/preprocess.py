@@ -80,10 +80,20 @@ def normalize(batch: Tensor, p: Preprocessing) -> Tensor:
     return (batch - mean) / std
 
 
+class EvalTransform:
+    """PIL image (any mode) -> normalised float tensor (3, input_size, input_size).
+
+    A class rather than a closure so that DataLoader workers started with ``spawn``
+    (macOS, Windows, CUDA) can pickle it.
+    """
+
+    def __init__(self, p: Preprocessing) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Tensor:
+        return normalize(resize_crop(to_rgb(img), self.p), self.p)
+
+
 def eval_transform(p: Preprocessing) -> Callable[[Image.Image], Tensor]:
-    """PIL image (any mode) -> normalised float tensor (3, input_size, input_size)."""
-
-    def transform(img: Image.Image) -> Tensor:
-        return normalize(resize_crop(to_rgb(img), p), p)
-
-    return transform
+    """The evaluation and serving transform for ``p`` (picklable)."""
+    return EvalTransform(p)

@@ -1,4 +1,5 @@
 import io
+import pickle
 
 import numpy as np
 import pytest
@@ -74,3 +75,10 @@ def test_resize_crop_and_normalize() -> None:
     assert torch.allclose(n[0, 2], torch.full((32, 32), 128 / 255 - 0.5))
     full = eval_transform(p)(img.convert("P"))
     assert full.shape == (3, 32, 32) and full.dtype == torch.float32
+
+
+def test_eval_transform_pickles_for_spawned_workers() -> None:
+    p = Preprocessing(resize_size=40, input_size=32)
+    img = Image.new("RGB", (50, 45), (10, 200, 30))
+    clone = pickle.loads(pickle.dumps(eval_transform(p)))
+    assert torch.equal(clone(img), eval_transform(p)(img))
