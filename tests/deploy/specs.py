@@ -39,7 +39,9 @@ COMPOSE_SCHEMA = Path(__file__).with_name("compose-spec.json")
 # PATH of the official python images, the base every stage starts from.
 BASE_IMAGE_PATH = "/usr/local/bin:/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin"
 
-_VAR_RE = re.compile(r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))")
+_VAR_RE = re.compile(
+    r"\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)\}|(?P<plain>[A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 class SpecError(ValueError):
@@ -389,7 +391,8 @@ class DockerIgnore:
 
     def _may_reinclude_below(self, directory: str) -> bool:
         for exception, pattern, _ in self.rules:
-            if exception and (pattern.startswith(directory + "/") or any(c in pattern for c in "*?[")):
+            wildcard = any(c in pattern for c in "*?[")
+            if exception and (wildcard or pattern.startswith(directory + "/")):
                 return True
         return False
 

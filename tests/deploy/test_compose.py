@@ -39,7 +39,10 @@ DOCKERFILE = load_dockerfile()
 
 def schema_errors(document: Any) -> list[str]:
     validator = jsonschema.Draft7Validator(SCHEMA)
-    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+    return [
+        f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in validator.iter_errors(document)
+    ]
 
 
 def test_compose_file_validates_against_the_compose_schema() -> None:
@@ -130,8 +133,11 @@ def test_api_restarts_and_drains_before_it_is_killed() -> None:
     candidates = [
         Settings.model_fields["graceful_shutdown_s"].default,
         *(float(v) for k, v in api_settings_env().items() if k == "WASTE_GRACEFUL_SHUTDOWN_S"),
-        *(float(v) for k, v in read_env_file(commented=True).items()
-          if k == "WASTE_GRACEFUL_SHUTDOWN_S"),
+        *(
+            float(v)
+            for k, v in read_env_file(commented=True).items()
+            if k == "WASTE_GRACEFUL_SHUTDOWN_S"
+        ),
     ]
     assert grace >= max(candidates) + 10
 
@@ -159,13 +165,14 @@ def test_train_reads_data_and_publishes_into_the_shared_model_repository() -> No
     from training.cli import build_parser, config_from_args
 
     argv = [*TRAIN["entrypoint"], *TRAIN["command"]]
-    config = config_from_args(build_parser().parse_args(torchrun.parse_args(argv[1:]).training_script_args))
+    train_argv = torchrun.parse_args(argv[1:]).training_script_args
+    config = config_from_args(build_parser().parse_args(train_argv))
     workdir = PurePosixPath(TRAIN["working_dir"])
     mounts = {m.target: m for m in service_mounts(TRAIN)}
 
     def mount_of(path: Any) -> Any:
         full = workdir / str(path)
-        return next(m for t, m in mounts.items() if full == PurePosixPath(t) or PurePosixPath(t) in full.parents)
+        return next(m for t, m in mounts.items() if PurePosixPath(t) in (full, *full.parents))
 
     assert config.data_dir is not None and config.publish_repo is not None
     data = mount_of(config.data_dir)

@@ -93,9 +93,7 @@ def test_base_image_python_satisfies_requires_python() -> None:
 
 
 def test_requirements_are_generated_from_pyproject(tmp_path: Path) -> None:
-    (install_stage, install_run), *_ = [
-        (name, ins) for name, ins in runs(["deps"]) if pip_installs(run_script(ins))
-    ]
+    (install_run,) = [ins for _, ins in runs(["deps"]) if pip_installs(run_script(ins))]
     snippets = python_snippets(run_script(install_run))
     assert len(snippets) == 1, "one python snippet extracts the requirements"
     (tmp_path / "pyproject.toml").write_bytes((REPO / "pyproject.toml").read_bytes())
@@ -125,8 +123,12 @@ def test_each_stage_installs_its_requirement_set_and_nothing_hand_written() -> N
     for req in CORE + TRAIN_EXTRA:
         name = Requirement(req).name
         assert not re.search(rf"(?<![\w-]){re.escape(name)}\s*(==|>=|<=|~=|!=|\[)", text), name
-    assert not any("requirements" in s for i in (DOCKERFILE.stages) for c in i.of("COPY")
-                   for s in copy_sources(c)[0]), "requirements files are generated, not copied"
+    assert not any(
+        "requirements" in s
+        for i in (DOCKERFILE.stages)
+        for c in i.of("COPY")
+        for s in copy_sources(c)[0]
+    ), "requirements files are generated, not copied"
 
 
 def test_dependency_layer_comes_before_any_source() -> None:
@@ -315,7 +317,8 @@ def healthcheck_paths(command: list[str]) -> list[str]:
     return [
         node.value
         for node in ast.walk(tree)
-        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
         and node.value.startswith("/")
     ]
 

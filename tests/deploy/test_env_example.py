@@ -16,7 +16,8 @@ API_ENV = service_environment(load_compose()["services"]["api"])
 
 def test_every_variable_is_a_setting() -> None:
     unknown = sorted(
-        key for key in ALL
+        key
+        for key in ALL
         if not key.startswith(ENV_PREFIX)
         or key.removeprefix(ENV_PREFIX).lower() not in Settings.model_fields
     )
@@ -38,7 +39,7 @@ def test_values_are_accepted_by_the_service(monkeypatch: pytest.MonkeyPatch) -> 
     settings = Settings()
     assert settings.admin_token is None or len(settings.admin_token) >= 16
     # The commented lines show the defaults, so they cannot mislead.
-    for key, value in ALL.items():
+    for key in ALL:
         if key not in ACTIVE and key not in API_ENV:
             field = key.removeprefix(ENV_PREFIX).lower()
             assert getattr(settings, field) == Settings.model_fields[field].default, key
