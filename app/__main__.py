@@ -1,0 +1,85 @@
+"""``python -m app``: start the service with uvicorn, configured from ``WASTE_*`` settings.
+
+Host, port, workers, keep-alive and graceful-shutdown timeouts come from the same
+settings as the service. On SIGTERM (or Ctrl-C) uvicorn stops accepting connections,
+lets in-flight requests finish within WASTE_GRACEFUL_SHUTDOWN_S, runs the app's shutdown
+(batchers drain) and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Before torch is imported (libgomp reads it once): idle OpenMP workers sleep instead of
+# spinning. On a small CPU shared by the event loop and decode threads, spinning workers
+# burn the cycles those threads need (measured with benchmarks/serve_load.py). Set
+# OMP_WAIT_POLICY=ACTIVE to override.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import argparse
+import signal
+import sys
+
+import uvicorn
+
+from app.settings import SettingsError, describe_settings, load_settings
+
+
+def _return_after_shutdown() -> None:
+    # uvicorn re-raises the signal that stopped it once its graceful shutdown is complete.
+    # With the default handlers the process would then die by SIGTERM (exit 143); these
+    # handlers ignore that second delivery so main() returns 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m app",
+        description="Serve the waste classifier over HTTP. Configure it with environment "
+        "variables (listed by --help-settings); OpenAPI docs at http://HOST:PORT/docs.",
+    )
+    parser.add_argument(
+        "--help-settings",
+        action="store_true",
+        help="list every WASTE_* setting with its default and exit",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="validate the settings and exit (0 = valid)"
+    )
+    args = parser.parse_args(argv)
+    if args.help_settings:
+        print(describe_settings())
+        return 0
+    try:
+        settings = load_settings()
+        # The device and precision are checked too, so a bad combination fails here,
+        # before uvicorn starts workers.
+        from app.inference import resolve_device, resolve_dtype
+
+        resolve_dtype(settings.precision, resolve_device(settings.device))
+    except SettingsError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print("settings are valid")
+        return 0
+    _return_after_shutdown()
+    uvicorn.run(
+        "app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        loop="auto",
+        http="auto",
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

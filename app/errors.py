@@ -1,0 +1,207 @@
+"""Domain errors and their one mapping to HTTP.
+
+Every error the service answers has the same JSON shape (:class:`ErrorResponse`)::
+
+    {"error": {"code": "unknown_model", "message": "model 'x' not found ...", "details": {...}}}
+
+Domain code raises :class:`ServiceError` subclasses; :func:`install_error_handlers` maps
+them, FastAPI's validation errors, Starlette's HTTP errors and anything unexpected to that
+shape. Unexpected exceptions are logged with their traceback and answered with a generic
+500 that never includes the traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("app")
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Machine-readable error code, e.g. 'unknown_model'.")
+    message: str = Field(description="What was wrong, naming the field, file or limit.")
+    details: dict[str, Any] | None = Field(
+        default=None, description="Structured context (per-file errors, limits, states)."
+    )
+
+
+class ErrorResponse(BaseModel):
+    """The body of every error response."""
+
+    error: ErrorBody
+
+
+class ServiceError(Exception):
+    """A failure with an HTTP status, a stable code and a precise message."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        status_code: int | None = None,
+        details: dict[str, Any] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+        self.details = details
+        self.headers = headers or {}
+
+
+class BadRequest(ServiceError):
+    status_code = 400
+    code = "bad_request"
+
+
+class Unauthorized(ServiceError):
+    status_code = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ServiceError):
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFound(ServiceError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(ServiceError):
+    status_code = 409
+    code = "conflict"
+
+
+class PayloadTooLarge(ServiceError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status_code = 415
+    code = "unsupported_media_type"
+
+
+class Unprocessable(ServiceError):
+    status_code = 422
+    code = "unprocessable"
+
+
+class Unavailable(ServiceError):
+    """503: the request may succeed later; always carries Retry-After."""
+
+    status_code = 503
+    code = "unavailable"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        retry_after_s: float = 1.0,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        retry = str(max(1, math.ceil(retry_after_s)))
+        super().__init__(message, code=code, details=details, headers={"Retry-After": retry})
+
+
+def error_response(
+    status_code: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return JSONResponse(body, status_code=status_code, headers=headers)
+
+
+_STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    503: "unavailable",
+}
+
+
+def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        problems.append({"field": loc, "problem": str(err.get("msg", "invalid"))})
+    text = "; ".join(f"{p['field']}: {p['problem']}" for p in problems) or "invalid request"
+    return text, problems
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map every exception to the one JSON error shape."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        text, problems = _validation_message(exc)
+        return error_response(422, "invalid_request", text, {"problems": problems})
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, f"http_{exc.status_code}")
+        message = str(exc.detail)
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"no route {request.method} {request.url.path}; see /docs"
+        elif exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, code, message, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal_error", "internal error; see the service log")
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries documenting the error shape for each status."""
+    descriptions = {
+        400: "Malformed request (e.g. broken multipart body).",
+        401: "Missing bearer token.",
+        403: "Wrong bearer token, or admin disabled.",
+        404: "Unknown model, version or alias.",
+        409: "The request conflicts with the repository's state.",
+        413: "Upload over a limit (request bytes, file bytes, files per request, pixels).",
+        415: "Not multipart/form-data, or a file that is not a supported image.",
+        422: "Invalid parameter, or no image in the request could be decoded.",
+        503: "Not ready, version loading/failed/not loaded, queue full or timed out. "
+        "Carries Retry-After.",
+    }
+    return {
+        status: {"model": ErrorResponse, "description": descriptions.get(status, "Error.")}
+        for status in statuses
+    }

@@ -1,0 +1,137 @@
+"""Decode an uploaded file into the network's uint8 input, or say precisely why not.
+
+Runs in worker threads (never on the event loop). The colour conversion and resize/crop
+are training's own (:mod:`training.preprocess`), so the service builds exactly the tensor
+that training's evaluation builds for the same file.
+
+Limits, in the order they are checked: empty file; format sniffed from the bytes (the
+client's Content-Type is not trusted) against the allowed formats; width x height from
+the header against the pixel limit *before* any pixel is decoded (decompression bombs);
+then the full decode, where truncated or corrupt data is reported, never half-loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, ImageFile, UnidentifiedImageError
+from torch import Tensor
+
+from training.artifacts import Preprocessing
+from training.preprocess import resize_crop, to_rgb
+
+# Pillow format names -> what we call them in messages.
+ALLOWED_FORMATS: dict[str, str] = {
+    "JPEG": "JPEG",
+    "PNG": "PNG",
+    "WEBP": "WebP",
+    "BMP": "BMP",
+    "GIF": "GIF",
+    "TIFF": "TIFF",
+}
+ALLOWED_TEXT = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+
+# Signatures of common non-image uploads, to say what the file is instead of "unknown".
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"%PDF", "a PDF document"),
+    (b"PK\x03\x04", "a ZIP archive"),
+    (b"\x1f\x8b", "a gzip archive"),
+    (b"<svg", "an SVG drawing (vector images are not supported)"),
+    (b"<?xml", "an XML document"),
+    (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000 image"),
+    (b"II*\x00", "a TIFF image"),
+    (b"MM\x00*", "a TIFF image"),
+)
+
+
+class ImageRejected(Exception):
+    """One file could not be used; ``status`` and ``code`` say how to report it."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True)
+class DecodedImage:
+    tensor: Tensor  # uint8 (3, input_size, input_size)
+    format: str
+    width: int
+    height: int
+
+
+def configure_pillow(max_image_pixels: int) -> None:
+    """Make Pillow's own decompression-bomb check use our limit (process-wide).
+
+    We check the size ourselves before decoding, so Pillow's warning for sizes between
+    the limit and twice the limit is redundant noise; its hard error stays.
+    """
+    Image.MAX_IMAGE_PIXELS = max_image_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+def _describe_unknown(data: bytes) -> str:
+    head = data[:16].lstrip()
+    for signature, what in _SIGNATURES:
+        if head.startswith(signature):
+            return what
+    try:
+        data[:512].decode("utf-8")
+    except UnicodeDecodeError:
+        return "not a recognised image"
+    return "text, not an image"
+
+
+def decode_image(
+    data: bytes, filename: str, preprocessing: Preprocessing, max_pixels: int
+) -> DecodedImage:
+    """Bytes of one upload -> uint8 (3, H, W) tensor, or raise ImageRejected."""
+    if not data:
+        raise ImageRejected(422, "empty_file", f"file {filename!r} is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=list(ALLOWED_FORMATS))
+    except UnidentifiedImageError:
+        raise ImageRejected(
+            415,
+            "unsupported_image_type",
+            f"file {filename!r} is {_describe_unknown(data)}; send a {ALLOWED_TEXT} image",
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise ImageRejected(
+            413, "image_too_large", f"file {filename!r} is a decompression bomb: {exc}"
+        ) from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageRejected(
+            422, "undecodable_image", f"file {filename!r} has a broken image header: {exc}"
+        ) from None
+    with img:
+        kind = ALLOWED_FORMATS.get(img.format or "", img.format or "unknown")
+        width, height = img.size
+        pixels = width * height
+        if pixels > max_pixels:
+            raise ImageRejected(
+                413,
+                "image_too_large",
+                f"file {filename!r} is a {width}x{height} {kind} ({pixels / 1e6:.1f} MP), over "
+                f"the limit of {max_pixels / 1e6:.1f} MP (WASTE_MAX_IMAGE_PIXELS)",
+            )
+        try:
+            img.load()
+            tensor = resize_crop(to_rgb(img), preprocessing)
+        except Image.DecompressionBombError as exc:
+            raise ImageRejected(
+                413, "image_too_large", f"file {filename!r} is a decompression bomb: {exc}"
+            ) from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            reason = str(exc) or type(exc).__name__
+            raise ImageRejected(
+                422,
+                "undecodable_image",
+                f"file {filename!r} ({kind}) cannot be decoded: {reason}",
+            ) from None
+    return DecodedImage(tensor=tensor, format=kind, width=width, height=height)

@@ -1,0 +1,54 @@
+"""The FastAPI application: ``create_app()`` builds it from settings.
+
+Run it with ``python -m app`` (uvicorn with the server settings), or with any ASGI server
+as the factory ``app.main:create_app``. The OpenAPI document is at ``/openapi.json``
+and the interactive docs at ``/docs``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.errors import install_error_handlers
+from app.routes import router
+from app.service import Service
+from app.settings import Settings, load_settings
+
+DESCRIPTION = """\
+Classifies photos of waste into 12 classes (battery, biological, brown_glass, cardboard,
+clothes, green_glass, metal, paper, plastic, shoes, trash, white_glass).
+
+Upload one or more images as multipart/form-data in the field `files`. Every response
+names the model and version that answered. Every error has the same JSON shape:
+`{"error": {"code", "message", "details"}}`.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; settings default to the ``WASTE_*`` environment (validated here)."""
+    settings = settings or load_settings()
+    logging.getLogger("app").setLevel(settings.log_level.upper())
+    service = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(
+        title="Waste classifier",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    app.state.service = service
+    install_error_handlers(app)
+    app.include_router(router)
+    return app

@@ -1,0 +1,96 @@
+"""Response bodies, as documented in the OpenAPI document."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from app.errors import ErrorBody
+
+
+class ClassScore(BaseModel):
+    label: str = Field(description="Class name, e.g. 'brown_glass'.")
+    class_index: int = Field(description="Index of the class in the model's class_names.")
+    confidence: float = Field(description="Softmax probability, 0..1.")
+
+
+class ImagePrediction(BaseModel):
+    status: Literal["ok"] = "ok"
+    filename: str
+    label: str = Field(description="Most likely class.")
+    class_index: int
+    confidence: float
+    top_k: list[ClassScore] = Field(description="The top_k classes, most likely first.")
+
+
+class ImageFailure(BaseModel):
+    status: Literal["error"] = "error"
+    filename: str
+    error: ErrorBody = Field(description="Why this file was not classified.")
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(description="The model that answered.")
+    version: int = Field(description="The version that answered.")
+    predictions: list[ImagePrediction | ImageFailure] = Field(
+        description="One entry per uploaded file, in upload order."
+    )
+
+
+class VersionInfo(BaseModel):
+    version: int
+    state: Literal["available", "loading", "ready", "failed"] = Field(
+        description="available: on disk, not loaded; loading; ready: serving; failed: see error."
+    )
+    error: str | None = Field(description="Why the version failed to load.")
+    aliases: list[str]
+    pinned: bool = Field(description="Loaded by an admin; kept when newer versions arrive.")
+    loaded_at: str | None
+    queue_depth: int | None = Field(description="Images waiting in its batcher (when ready).")
+
+
+class ModelInfo(BaseModel):
+    name: str
+    default_version: int | None = Field(
+        description="The version answering when none is named (null when none is ready)."
+    )
+    default_selector: str = Field(description="'production' when that alias exists, else 'latest'.")
+    latest_ready: int | None
+    aliases: dict[str, int]
+    aliases_error: str | None = Field(description="Why aliases.json could not be read.")
+    versions: list[VersionInfo]
+
+
+class ModelList(BaseModel):
+    default_model: str = Field(description="The model answering POST /v1/predict.")
+    models: list[ModelInfo]
+
+
+class VersionDetail(VersionInfo):
+    model: str
+    metadata: dict[str, Any] | None = Field(
+        description="model.json: class_names, architecture, preprocessing, evaluation, ..."
+    )
+    metadata_error: str | None = None
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"] = "alive"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready"] = "ready"
+    models: dict[str, int | None] = Field(description="Model -> the default version serving it.")
+
+
+class AliasUpdate(BaseModel):
+    version: int = Field(ge=1, description="Version number the alias should point to.")
+
+
+class ScanResult(BaseModel):
+    added: list[str]
+    removed: list[str]
+    loaded: list[str]
+    failed: list[str]
+    unloaded: list[str]
