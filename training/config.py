@@ -176,7 +176,8 @@ class TrainConfig(BaseModel):
     time_limit_s: float | None = Field(
         default=None,
         gt=0,
-        description="stop after the epoch during which this many seconds have passed",
+        description="stop training once this many seconds have passed (the current epoch is "
+        "cut short, validated and checkpointed; then the run finishes as usual)",
     )
 
     # --- hardware ------------------------------------------------------------------------

@@ -90,13 +90,16 @@ def bootstrap_demo(
             num_workers=0,
             verify_images=False,
             progress=False,
+            plots=False,
             seed=seed,
             device="cpu",
         )
         train_images = round(images_per_class * 12 * (1 - base.val_fraction - base.test_fraction))
         remaining = budget_s - (time.monotonic() - started)
-        epochs = int(max(2, min(40, remaining * 0.85 / _seconds_per_epoch(base, train_images))))
-        config = base.model_copy(update={"epochs": epochs, "time_limit_s": remaining * 0.9})
+        epochs = int(max(2, min(40, (remaining - 5.0) / _seconds_per_epoch(base, train_images))))
+        # Test evaluation and publishing take a few seconds after the time limit.
+        limit = max(5.0, remaining - 5.0)
+        config = base.model_copy(update={"epochs": epochs, "time_limit_s": limit})
         log(f"demo: training resnet18-cbam from scratch for {epochs} epochs at {input_size}px")
         result = train(config, log=lambda m: log(f"demo: {m}"))
         ref = publish_run(result.run_dir, repo, name, DEMO_DESCRIPTION, extra={"demo": True})

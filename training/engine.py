@@ -48,8 +48,12 @@ def train_one_epoch(
     progress: bool = False,
     desc: str = "train",
     log_every: int = 10,
+    deadline: float | None = None,
 ) -> dict[str, Any]:
     """One pass over ``loader``; ``scheduler`` (if given) steps after every optimizer step.
+
+    ``deadline`` (a ``time.monotonic()`` value) cuts the epoch short after the step that
+    passes it; ``steps`` in the result says how many ran.
 
     Returns loss and accuracy averaged over all ranks' samples, the per-step losses of
     this rank, and timing. Per-step losses stay on the device until the end of the epoch:
@@ -93,6 +97,8 @@ def train_one_epoch(
         seen += batch
         if progress and step % log_every == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}")  # a sync point, every log_every steps
+        if deadline is not None and time.monotonic() > deadline:
+            break
     bar.close()
 
     # One sync for the whole epoch.
@@ -108,6 +114,7 @@ def train_one_epoch(
         "accuracy": total_correct / max(total_seen, 1.0),
         "num_samples": int(total_seen),
         "iteration_losses": iteration_losses,
+        "steps": len(step_losses),
         "time_s": elapsed,
         "images_per_s": total_seen / elapsed if elapsed > 0 else 0.0,
     }

@@ -340,6 +340,7 @@ def _train(
     stages = plan_stages(config)
     total = config.total_epochs
     started = time.monotonic()
+    deadline = started + config.time_limit_s if config.time_limit_s is not None else None
     stopped_early = False
     stage = None
     net: nn.Module = model
@@ -383,6 +384,8 @@ def _train(
                 progress=config.progress and ctx.is_main,
                 desc=f"epoch {epoch + 1}/{total}",
                 log_every=config.log_every,
+                # Ranks must run the same number of steps, so DDP stops only between epochs.
+                deadline=None if ctx.distributed else deadline,
             )
             eval_model = ema.module if ema is not None else model
             va = evaluate(
@@ -406,6 +409,7 @@ def _train(
                 "val_loss": va["loss"],
                 "val_acc": va["accuracy"],
                 "val_macro_f1": va["macro_f1"],
+                "steps": tr["steps"],
                 "time_s": tr["time_s"],
                 "train_images_per_s": tr["images_per_s"],
             }
@@ -473,15 +477,11 @@ def _train(
                 log(_epoch_line(record, total, improved))
                 if on_epoch_end is not None:
                     on_epoch_end(record)
-            elapsed = time.monotonic() - started
-            if (
-                config.time_limit_s is not None
-                and elapsed > config.time_limit_s
-                and epoch + 1 < total
-            ):
+            out_of_time = deadline is not None and time.monotonic() > deadline
+            if broadcast_object(out_of_time, ctx) and epoch + 1 < total:
                 log(
-                    f"time limit {config.time_limit_s:.0f}s reached after epoch {epoch + 1}; "
-                    "stopping"
+                    f"time limit {config.time_limit_s:.0f}s reached in epoch {epoch + 1} "
+                    f"(after {tr['steps']} of {steps_per_epoch} steps); stopping"
                 )
                 stopped_early = True
                 break

@@ -1,0 +1,117 @@
+"""The command line: help, config precedence, errors, synth, resume rules and ablate."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.training.train_helpers import make_data, one_thread
+from training.cli import build_parser, config_from_args, main
+from training.config import ConfigError, TrainConfig, load_config
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> Iterator[None]:
+    yield from one_thread()
+
+
+def _config(argv: list[str]) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "synth", "ablate", "publish"])
+def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    assert "usage: python -m training " + command in text
+    if command == "train":
+        for flag in ("--data", "--strategy", "--stage-epochs", "--lr-head", "--cbam",
+                     "--pretrained", "--no-pretrained", "--resume", "--publish", "torchrun",
+                     "--aug-rotation", "--ema-decay", "--weighted-sampler"):  # fmt: skip
+            assert flag in text, flag
+
+
+def test_flags_override_the_config_file_which_overrides_defaults(tmp_path: Path) -> None:
+    toml = tmp_path / "c.toml"
+    toml.write_text(
+        'strategy = "frozen"\nepochs = 4\nlr_head = 0.002\n'
+        '[model]\ncbam = "stage"\ncbam_stages = [3, 4]\n[augment]\nrotation = 5.0\n'
+    )
+    config = _config(["--config", str(toml), "--epochs", "7", "--ibn", "--aug-hflip", "0",
+                      "--ema-decay", "0.99", "--pretrained", "/w.pth"])  # fmt: skip
+    assert config.strategy == "frozen" and config.epochs == 7 and config.lr_head == 0.002
+    assert config.model.cbam == "stage" and config.model.cbam_stages == (3, 4)
+    assert config.model.ibn and config.augment.rotation == 5.0 and config.augment.hflip == 0
+    assert (
+        config.ema_decay == 0.99 and config.pretrained and str(config.pretrained_path) == "/w.pth"
+    )
+    assert config.lr_backbone == TrainConfig().lr_backbone
+
+    # The saved config.json is itself a config file that gives the same config back.
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(config.to_json_dict()))
+    assert load_config(saved) == config
+    assert _config(["--config", str(saved), "--ema-decay", "none"]).ema_decay is None
+    assert not _config(["--no-pretrained"]).pretrained
+
+
+def test_bad_settings_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("lr_haed = 0.1\n")
+    assert main(["train", "--config", str(bad)]) == 2
+    assert "lr_haed" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="stage_epochs"):
+        _config(["--epochs", "3", "--stage-epochs", "1", "1", "2"])
+    with pytest.raises(ConfigError, match="input_size 300 exceeds resize_size 256"):
+        _config(["--input-size", "300"])
+    assert main(["train", "--no-pretrained", "--data", str(tmp_path / "nope"),
+                 "--out-dir", str(tmp_path / "r")]) == 2  # fmt: skip
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--cbam", "everywhere"])
+
+
+def test_missing_pretrained_weights_stop_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    assert main(["train", "--data", str(tmp_path), "--out-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "no pretrained resnet18 weights" in err and "--pretrained PATH" in err
+
+
+@pytest.mark.slow
+def test_synth_ablate_and_resume_rules(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = tmp_path / "data"
+    assert main(["synth", "--out", str(data), "--images-per-class", "4", "--size", "40"]) == 0
+    assert len(list(data.glob("*/*.jpg"))) == 48
+
+    out = tmp_path / "ablation"
+    argv = ["ablate", "--data", str(data), "--out-dir", str(out), "--no-pretrained",
+            "--strategy", "differential", "--epochs", "1", "--input-size", "32",
+            "--resize-size", "36", "--batch-size", "16", "--num-workers", "0", "--no-progress",
+            "--no-verify-images", "--no-plots", "--device", "cpu",
+            "--placements", "none", "block", "--with-bnneck"]  # fmt: skip
+    assert main(argv) == 0
+    table = (out / "ablation.md").read_text()
+    rows = json.loads((out / "ablation.json").read_text())["rows"]
+    assert [r["variant"] for r in rows] == ["cbam=none", "cbam=block", "cbam=block+bnneck"]
+    assert rows[0]["params_m"] < rows[1]["params_m"]
+    assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
+    assert "| cbam=block+bnneck |" in table and "cbam=block+bnneck" in capsys.readouterr().out
+    # Every variant trained on the same saved split.
+    split_files = {json.loads((out / r["variant"].replace("=", "-").replace("+", "-")
+                               / "config.json").read_text())["splits_file"] for r in rows}  # fmt: skip
+    assert split_files == {str(out / "splits.json")}
+
+    # A finished run resumes only with settings that do not change its result.
+    run = out / "cbam-none"
+    assert main(["train", "--resume", str(run), "--lr-head", "0.5"]) == 2
+    assert "cannot change lr_head" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--no-plots", "--device", "cpu"]) == 0
+    assert "resuming" in capsys.readouterr().out

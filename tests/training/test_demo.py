@@ -1,0 +1,37 @@
+"""The demo model that the service publishes into an empty model repository."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.training.train_helpers import one_thread
+from training.artifacts import list_versions, load_version
+from training.demo import bootstrap_demo
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> Iterator[None]:
+    yield from one_thread()
+
+
+@pytest.mark.slow
+def test_bootstrap_demo_publishes_a_loadable_demo_version(tmp_path: Path) -> None:
+    lines: list[str] = []
+    ref = bootstrap_demo(tmp_path / "models", log=lines.append, budget_s=15, images_per_class=12)
+    assert (ref.name, ref.version) == ("waste-resnet18-cbam", 1)
+    assert list_versions(tmp_path / "models" / "waste-resnet18-cbam") == [1]
+    loaded = load_version(ref.path)
+    meta = loaded.metadata
+    assert "DEMO" in meta.description and "SYNTHETIC" in meta.description
+    assert meta.model_extra is not None and meta.model_extra["demo"] is True
+    assert meta.architecture.arch == "resnet18" and meta.architecture.cbam == "block"
+    assert meta.preprocessing.input_size == 48
+    size = meta.preprocessing.input_size
+    probs = loaded.model(torch.randn(2, 3, size, size)).softmax(1)
+    assert probs.shape == (2, 12)
+    assert any("published" in line for line in lines)
+    assert not list(tmp_path.glob("models/waste-resnet18-cbam/.tmp-*"))
