@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.training.train_helpers import make_data, one_thread
+from tests.training.train_helpers import one_thread
 from training.cli import build_parser, config_from_args, main
 from training.config import ConfigError, TrainConfig, load_config
 
@@ -105,8 +105,8 @@ def test_synth_ablate_and_resume_rules(tmp_path: Path, capsys: pytest.CaptureFix
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
     assert "| cbam=block+bnneck |" in table and "cbam=block+bnneck" in capsys.readouterr().out
     # Every variant trained on the same saved split.
-    split_files = {json.loads((out / r["variant"].replace("=", "-").replace("+", "-")
-                               / "config.json").read_text())["splits_file"] for r in rows}  # fmt: skip
+    configs = [Path(r["run_dir"]) / "config.json" for r in rows]
+    split_files = {json.loads(c.read_text())["splits_file"] for c in configs}
     assert split_files == {str(out / "splits.json")}
 
     # A finished run resumes only with settings that do not change its result.
