@@ -20,6 +20,7 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 from app.settings import Settings
+from tests.deploy.serving import app_routes
 from tests.deploy.specs import (
     REPO,
     DockerIgnore,
@@ -329,7 +330,8 @@ def test_healthcheck_asks_readiness_with_a_start_period_for_model_loading() -> N
     seconds = {k: int(v.removesuffix("s")) for k, v in flags.items() if v.endswith("s")}
     assert seconds["start-period"] >= 60
     assert seconds["timeout"] < seconds["interval"]
-    assert healthcheck_paths(healthcheck_command(SERVE.healthcheck)) == ["/health/ready"]
+    (path,) = healthcheck_paths(healthcheck_command(SERVE.healthcheck))
+    assert path == "/health/ready" and (path, "GET") in app_routes()
 
 
 def test_images_use_the_nvidia_container_toolkit_when_a_gpu_is_given() -> None:
