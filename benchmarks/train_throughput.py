@@ -49,8 +49,8 @@ def main() -> None:
     ap.add_argument("--input-size", type=int, default=64, help="network input (default 64)")
     ap.add_argument("--image-size", type=int, default=160, help="JPEG side on disk (default 160)")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=12, help="steps per timed round")
-    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of each")
+    ap.add_argument("--steps", type=int, default=6, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=6, help="alternating rounds of each")
     ap.add_argument("--num-workers", default="auto", help="DataLoader workers or 'auto'")
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"])
     args = ap.parse_args()
@@ -115,6 +115,9 @@ def main() -> None:
 
     step = statistics.median(step_rates)
     full = statistics.median(full_rates)
+    # Adjacent rounds share the machine's load at that moment; their ratio is the robust one.
+    pair_ratio = statistics.median(f / s for s, f in zip(step_rates, full_rates, strict=True))
+    spread = max(step_rates) / min(step_rates)
     name = (
         torch.cuda.get_device_name(device)
         if device.type == "cuda"
@@ -125,10 +128,19 @@ def main() -> None:
         f"from {args.image_size}px JPEGs; batch {args.batch_size}; {workers} loader workers; "
         f"amp {amp_dtype or 'off'}"
     )
-    print(f"train step alone (tensors on device): {step:8.1f} images/s   rounds {_r(step_rates)}")
-    print(f"full loop (JPEG decode + augment):    {full:8.1f} images/s   rounds {_r(full_rates)}")
+    print(
+        f"train step alone (tensors on device): {step:7.1f} img/s median, rounds {_r(step_rates)}"
+    )
+    print(
+        f"full loop (JPEG decode + augment):    {full:7.1f} img/s median, rounds {_r(full_rates)}"
+    )
     print(f"data loading alone:                   {load_rate:8.1f} images/s")
-    print(f"ratio full / step: {full / step:.3f} (target >= 0.80)")
+    print(
+        f"best rounds: step {max(step_rates):.1f}, full {max(full_rates):.1f} images/s "
+        f"(ratio {max(full_rates) / max(step_rates):.3f})"
+    )
+    print(f"noise: fastest/slowest train-step round = {spread:.2f}x")
+    print(f"ratio full / step (median of adjacent rounds): {pair_ratio:.3f} (target >= 0.80)")
 
 
 if __name__ == "__main__":
