@@ -47,6 +47,7 @@ from training.artifacts import (
 log = logging.getLogger("app.registry")
 
 DEFAULT_ALIAS = "production"
+MAX_REASON_CHARS = 400
 LATEST = "latest"
 
 
@@ -292,7 +293,10 @@ class ModelRegistry:
                     for entry in model.versions.values():
                         if entry.state is VersionState.FAILED:
                             entry.state, entry.error = VersionState.AVAILABLE, None
-                await self._apply_loading_rule(model, report)
+            # Every model and version is known (and listed as loading/available) before the
+            # first load, so a request meanwhile gets 503 "loading", not 404.
+            for name in sorted(listing):
+                await self._apply_loading_rule(self.models[name], report)
             return report
 
     async def _apply_loading_rule(self, model: ModelEntry, report: ScanReport) -> None:
@@ -422,6 +426,8 @@ class ModelRegistry:
         return lambda stats: observer(entry, stats)
 
     def _fail(self, entry: VersionEntry, reason: str) -> None:
+        if len(reason) > MAX_REASON_CHARS:  # e.g. every missing key of a state dict
+            reason = reason[: MAX_REASON_CHARS - 3] + "..."
         entry.state, entry.error, entry.served = VersionState.FAILED, reason, None
         log.error("%s failed to load: %s", entry.label, reason)
 

@@ -190,6 +190,11 @@ class Service:
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
 
+    @property
+    def inference_pool(self) -> ThreadPoolExecutor | None:
+        """The single thread every forward pass runs on (None before start)."""
+        return self._inference_pool
+
     def require_registry(self) -> ModelRegistry:
         if self.registry is None:
             raise Unavailable("the service is starting", code="not_ready")
@@ -304,6 +309,8 @@ class Service:
         try:
             if name in registry.models:
                 model_label = name
+            elif not self.started:
+                raise Unavailable(f"not ready: {self.stage}", code="not_ready", retry_after_s=5)
             entry, served = registry.resolve(name, spec)
             version_label = str(entry.version)
             result = await self._predict(request, entry.name, entry.version, served, top_k)

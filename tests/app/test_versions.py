@@ -1,0 +1,227 @@
+"""Model versions on disk: the loading rule, broken versions, aliases, admin and polling."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from fastapi.testclient import TestClient
+
+from tests.app.conftest import (
+    MODEL,
+    OTHER,
+    TOKEN,
+    add_version,
+    files,
+    image_bytes,
+    replace_file,
+    wait_until,
+)
+from tests.app.test_api import assert_error
+
+JPEG = image_bytes("JPEG")
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MakeClient = Callable[..., TestClient]
+
+
+def states(client: TestClient, name: str = MODEL) -> dict[int, str]:
+    body = client.get(f"/v1/models/{name}").json()
+    return {v["version"]: v["state"] for v in body["versions"]}
+
+
+def predict_version(client: TestClient, spec: str | None = None, name: str = MODEL) -> object:
+    path = (
+        f"/v1/models/{name}/predict"
+        if spec is None
+        else (f"/v1/models/{name}/versions/{spec}/predict")
+    )
+    return client.post(path, files=files(("a.jpg", JPEG)))
+
+
+def test_tampered_latest_is_reported_and_the_previous_version_serves(
+    repo: Path, make_client: MakeClient
+) -> None:
+    weights = repo / MODEL / "2" / "weights.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-100] ^= 0xFF
+    replace_file(weights, bytes(data))
+    client = make_client()
+    assert client.get("/health/ready").json()["models"] == {MODEL: 1, OTHER: 1}
+    version = next(
+        v for v in client.get(f"/v1/models/{MODEL}").json()["versions"] if v["version"] == 2
+    )
+    assert version["state"] == "failed"
+    assert "sha256 mismatch" in version["error"] and "weights.safetensors" in version["error"]
+    response = predict_version(client, "2")
+    assert_error(response, 503, "version_failed", "v2 failed to load", "sha256 mismatch")
+    assert response.headers["retry-after"].isdigit()
+    assert predict_version(client, "latest").json()["version"] == 1  # type: ignore[attr-defined]
+    assert predict_version(client, name=OTHER).status_code == 200  # type: ignore[attr-defined]
+
+
+def test_wrong_shapes_and_incomplete_metadata_fail_with_their_reasons(
+    repo: Path, make_client: MakeClient
+) -> None:
+    meta_path = repo / MODEL / "2" / "model.json"
+    meta = json.loads(meta_path.read_text())
+    meta["architecture"]["cbam"] = "none"  # the weights hold CBAM parameters
+    replace_file(meta_path, json.dumps(meta).encode())
+    other_meta = repo / OTHER / "1" / "model.json"
+    broken = json.loads(other_meta.read_text())
+    del broken["class_names"]
+    replace_file(other_meta, json.dumps(broken).encode())
+    client = make_client(ready=False)
+    info = client.get(f"/v1/models/{MODEL}/versions/2").json()
+    assert info["state"] == "failed"
+    assert "do not fit the architecture" in info["error"]
+    other = client.get(f"/v1/models/{OTHER}/versions/1").json()
+    assert "class_names" in other["error"] and "incomplete or invalid metadata" in other["error"]
+    assert other["metadata"] is None and "class_names" in other["metadata_error"]
+    ready = client.get("/health/ready")
+    error = assert_error(ready, 503, "not_ready", OTHER)
+    assert any("no ready version" in r for r in error["details"]["reasons"])  # type: ignore[index]
+    assert client.get(f"/health/ready/{MODEL}").status_code == 200
+    assert predict_version(client).json()["version"] == 1  # type: ignore[attr-defined]
+
+
+def test_production_alias_is_the_default_and_is_loaded(repo: Path, make_client: MakeClient) -> None:
+    (repo / MODEL / "aliases.json").write_text(json.dumps({"production": 1, "staging": 2}))
+    client = make_client()
+    assert states(client) == {1: "ready", 2: "ready"}
+    body = client.get(f"/v1/models/{MODEL}").json()
+    assert body["default_selector"] == "production" and body["default_version"] == 1
+    assert predict_version(client).json()["version"] == 1  # type: ignore[attr-defined]
+    assert client.post("/v1/predict", files=files(("a", JPEG))).json()["version"] == 1
+    assert predict_version(client, "staging").json()["version"] == 2  # type: ignore[attr-defined]
+    assert predict_version(client, "latest").json()["version"] == 2  # type: ignore[attr-defined]
+
+
+def test_malformed_aliases_are_reported_and_latest_serves(
+    repo: Path, make_client: MakeClient
+) -> None:
+    (repo / MODEL / "aliases.json").write_text('{"production": "three"}')
+    client = make_client()
+    body = client.get(f"/v1/models/{MODEL}").json()
+    assert "must point to a positive integer" in body["aliases_error"]
+    assert body["default_version"] == 2
+
+
+def test_admin_is_disabled_without_a_token(make_client: MakeClient) -> None:
+    client = make_client()
+    assert_error(
+        client.post("/v1/admin/rescan", headers=AUTH), 403, "admin_disabled", "WASTE_ADMIN_TOKEN"
+    )
+
+
+def test_admin_needs_the_right_bearer_token(make_client: MakeClient) -> None:
+    client = make_client(admin_token=TOKEN)
+    missing = client.post("/v1/admin/rescan")
+    assert_error(missing, 401, "unauthorized", "Bearer")
+    assert missing.headers["www-authenticate"] == "Bearer"
+    wrong = {"Authorization": "Bearer not-the-token-at-all"}
+    assert_error(client.post("/v1/admin/rescan", headers=wrong), 403, "invalid_token")
+    assert_error(
+        client.post(f"/v1/admin/models/{MODEL}/versions/1/load", headers=wrong),
+        403,
+        "invalid_token",
+    )
+    assert client.post("/v1/admin/rescan", headers=AUTH).status_code == 200
+
+
+def test_admin_rescan_picks_up_a_new_version_and_unloads_the_superseded_one(
+    repo: Path, make_client: MakeClient
+) -> None:
+    client = make_client(admin_token=TOKEN)
+    add_version(repo, MODEL, repo / MODEL / "1")
+    report = client.post("/v1/admin/rescan", headers=AUTH).json()
+    assert report["added"] == [f"{MODEL} v3"]
+    assert report["loaded"] == [f"{MODEL} v3"]
+    assert report["unloaded"] == [f"{MODEL} v2"]
+    assert states(client) == {1: "available", 2: "available", 3: "ready"}
+    assert predict_version(client).json()["version"] == 3  # type: ignore[attr-defined]
+
+
+def test_admin_load_unload_and_failed_load(repo: Path, make_client: MakeClient) -> None:
+    client = make_client(admin_token=TOKEN)
+    loaded = client.post(f"/v1/admin/models/{MODEL}/versions/1/load", headers=AUTH)
+    assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
+    assert loaded.json()["pinned"] is True
+    assert predict_version(client, "1").json()["version"] == 1  # type: ignore[attr-defined]
+    unloaded = client.post(f"/v1/admin/models/{MODEL}/versions/1/unload", headers=AUTH)
+    assert unloaded.json()["state"] == "available"
+    assert_error(predict_version(client, "1"), 503, "version_not_loaded")
+    assert_error(
+        client.post(f"/v1/admin/models/{MODEL}/versions/9/load", headers=AUTH),
+        404,
+        "unknown_version",
+    )
+    assert_error(
+        client.post("/v1/admin/models/nope/versions/1/load", headers=AUTH), 404, "unknown_model"
+    )
+    assert_error(
+        client.post(f"/v1/admin/models/{MODEL}/versions/x/load", headers=AUTH),
+        422,
+        "invalid_request",
+    )
+    weights = repo / MODEL / "1" / "weights.safetensors"
+    replace_file(weights, weights.read_bytes()[:-10])
+    assert_error(
+        client.post(f"/v1/admin/models/{MODEL}/versions/1/load", headers=AUTH),
+        422,
+        "load_failed",
+        "sha256 mismatch",
+    )
+    assert predict_version(client).status_code == 200  # type: ignore[attr-defined]
+
+
+def test_admin_sets_and_deletes_aliases_in_aliases_json(
+    repo: Path, make_client: MakeClient
+) -> None:
+    client = make_client(admin_token=TOKEN)
+    response = client.put(
+        f"/v1/admin/models/{MODEL}/aliases/production", json={"version": 1}, headers=AUTH
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["default_version"] == 1
+    assert json.loads((repo / MODEL / "aliases.json").read_text()) == {"production": 1}
+    assert states(client) == {1: "ready", 2: "ready"}
+    assert predict_version(client).json()["version"] == 1  # type: ignore[attr-defined]
+    assert_error(
+        client.put(f"/v1/admin/models/{MODEL}/aliases/latest", json={"version": 1}, headers=AUTH),
+        422,
+        "invalid_alias",
+    )
+    assert_error(
+        client.put(f"/v1/admin/models/{MODEL}/aliases/qa", json={"version": 7}, headers=AUTH),
+        404,
+        "unknown_version",
+    )
+    assert_error(
+        client.put(f"/v1/admin/models/{MODEL}/aliases/qa", json={"version": 0}, headers=AUTH),
+        422,
+        "invalid_request",
+    )
+    deleted = client.delete(f"/v1/admin/models/{MODEL}/aliases/production", headers=AUTH)
+    assert deleted.json()["default_version"] == 2 and deleted.json()["aliases"] == {}
+    assert_error(
+        client.delete(f"/v1/admin/models/{MODEL}/aliases/production", headers=AUTH),
+        404,
+        "unknown_alias",
+    )
+
+
+def test_polling_picks_up_new_versions_and_aliases(repo: Path, make_client: MakeClient) -> None:
+    client = make_client(poll_interval_s=0.1)
+    add_version(repo, MODEL, repo / MODEL / "2")
+    wait_until(lambda: states(client).get(3) == "ready", what="v3 ready")
+    assert predict_version(client).json()["version"] == 3  # type: ignore[attr-defined]
+    (repo / MODEL / "aliases.json").write_text(json.dumps({"production": 1}))
+    wait_until(lambda: states(client).get(1) == "ready", what="aliased v1 loaded")
+    assert predict_version(client).json()["version"] == 1  # type: ignore[attr-defined]
+
+
+def test_missing_default_model_keeps_the_service_unready(make_client: MakeClient) -> None:
+    client = make_client(ready=False, default_model="not-published")
+    assert_error(client.get("/health/ready"), 503, "not_ready", "'not-published'")
+    assert_error(client.post("/v1/predict", files=files(("a", JPEG))), 404, "unknown_model")
