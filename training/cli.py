@@ -55,11 +55,12 @@ examples:
   python -m training train --data data/garbage_classification --out runs/r18-cbam \\
       --pretrained ~/.cache/torch/hub/checkpoints/resnet18-f37072fd.pth --publish models/
 
-  # 2. settings from a file (TOML or JSON; flags override it)
-  python -m training train --config configs/r18.toml --epochs 5
+  # 2. settings from a file (TOML or JSON with the same keys; flags override it;
+  #    a run's config.json is such a file)
+  python -m training train --config my-run.toml --epochs 5
 
   # 3. several GPUs on one machine (or nodes: see torchrun --help)
-  torchrun --nproc_per_node 4 -m training train --config configs/r18.toml
+  torchrun --nproc_per_node 4 -m training train --config my-run.toml
 
   # 4. continue an interrupted run from its last checkpoint
   python -m training train --resume runs/r18-cbam

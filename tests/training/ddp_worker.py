@@ -28,6 +28,7 @@ def main() -> None:
         lr_head=1e-3,
         batch_size=8,
         ema_decay=0.9,
+        weighted_loss=True,
     )
     result = train(config)
     flat = torch.cat([p.detach().flatten() for p in result.model.parameters()])

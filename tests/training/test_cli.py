@@ -7,6 +7,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+import torchvision
 
 from tests.training.train_helpers import one_thread
 from training.cli import build_parser, config_from_args, main
@@ -91,8 +93,12 @@ def test_synth_ablate_and_resume_rules(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["synth", "--out", str(data), "--images-per-class", "4", "--size", "40"]) == 0
     assert len(list(data.glob("*/*.jpg"))) == 48
 
+    # Stand-in "ImageNet" weights: a torchvision state dict (random, nothing downloaded).
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), weights)
     out = tmp_path / "ablation"
-    argv = ["ablate", "--data", str(data), "--out-dir", str(out), "--no-pretrained",
+    argv = ["ablate", "--data", str(data), "--out-dir", str(out), "--pretrained", str(weights),
+            "--scheduler", "plateau",
             "--strategy", "differential", "--epochs", "1", "--input-size", "32",
             "--resize-size", "36", "--batch-size", "16", "--num-workers", "0", "--no-progress",
             "--no-verify-images", "--no-plots", "--device", "cpu",
@@ -108,6 +114,8 @@ def test_synth_ablate_and_resume_rules(tmp_path: Path, capsys: pytest.CaptureFix
     configs = [Path(r["run_dir"]) / "config.json" for r in rows]
     split_files = {json.loads(c.read_text())["splits_file"] for c in configs}
     assert split_files == {str(out / "splits.json")}
+    log = (out / "cbam-block-bnneck" / "train.log").read_text()
+    assert f"pretrained {weights}: 120 tensors loaded" in log
 
     # A finished run resumes only with settings that do not change its result.
     run = out / "cbam-none"
