@@ -109,8 +109,11 @@ def _add_field(
 ) -> None:
     annotation, optional = _unwrap_optional(info.annotation)
     default = info.get_default(call_default_factory=True)
-    shown = default if not isinstance(default, tuple) else " ".join(str(v) for v in default)
-    help_text = f"{help_text} (default: {shown})"
+    if default is None:
+        help_text = f"{help_text} (default: unset; 'none' unsets a value from --config)"
+    else:
+        shown = " ".join(str(v) for v in default) if isinstance(default, tuple) else default
+        help_text = f"{help_text} (default: {shown})"
     kwargs: dict[str, Any] = {"dest": dest, "default": argparse.SUPPRESS, "help": help_text}
     origin = get_origin(annotation)
     if annotation is bool:
@@ -129,10 +132,12 @@ def _add_field(
         group.add_argument(*flags, type=_int_or_auto, metavar="N|auto", **kwargs)
         return
     convert = annotation if annotation in (int, float, str, Path) else str
+    metavar = {int: "N", float: "X", Path: "PATH"}.get(convert, "TEXT")
+    if name.startswith("lr_"):
+        metavar = "LR"
     if optional:
         convert = _parse_optional(convert)
-        kwargs["help"] += "; 'none' unsets it"
-    group.add_argument(*flags, type=convert, metavar=name.upper().split("_")[-1], **kwargs)
+    group.add_argument(*flags, type=convert, metavar=metavar, **kwargs)
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

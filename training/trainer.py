@@ -490,6 +490,12 @@ def _train(
         raise
 
     # --- test split with the best weights ---------------------------------------------
+    barrier(ctx)  # rank 0 has finished writing best.pt
+    if not (run_dir / CHECKPOINTS / BEST).is_file():
+        raise RuntimeError(
+            f"no epoch produced a finite {config.best_metric} (did the loss diverge? try a "
+            "lower learning rate); nothing to evaluate or publish"
+        )
     best_state = load_checkpoint(run_dir / CHECKPOINTS / BEST, map_location=device)
     test_model = build_model(config.model).to(device)
     test_model.load_state_dict(best_state["model"])
