@@ -14,6 +14,9 @@
 # CPU only: --build-arg TORCH_VARIANT=cpu installs the same pinned versions from PyTorch's
 # CPU wheel index (torch==2.14.1+cpu): no CUDA libraries, a much smaller image.
 #
+# Builds with BuildKit (Docker's default builder since 23.0; RUN --mount caches pip's
+# downloads); HEALTHCHECK --start-interval needs Docker Engine 25+ at run time.
+#
 # Requirements have one source of truth, pyproject.toml: the deps stage extracts
 # [project].dependencies (plus the `train` extra for the train target) and installs them
 # before any source is copied, so editing code rebuilds only the small source layers.

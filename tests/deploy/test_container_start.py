@@ -162,8 +162,14 @@ def serve_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltImage
                     built.install_s += time.monotonic() - started
     print(f"\ndependency layer installed into a fresh venv in {built.install_s:.0f} s")
     yield built
-    # 5.5 GB: do not leave it to pytest's rotation of temporary folders.
-    shutil.rmtree(root, ignore_errors=True)
+    # 5.5 GB: too much to leave to pytest's rotation of temporary folders, and deleting it
+    # takes from seconds to a minute on a busy disk, so it goes on in the background.
+    subprocess.Popen(
+        ["rm", "-rf", str(root)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 def test_serving_install_has_no_training_extras_nor_the_training_loop(
