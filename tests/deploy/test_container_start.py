@@ -139,7 +139,7 @@ def serve_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltImage
             elif ins.keyword == "WORKDIR":
                 workdir = ins.body
                 built.host(workdir).mkdir(parents=True, exist_ok=True)
-            elif ins.keyword == "COPY":
+            elif ins.keyword == "COPY" and "from" not in ins.flags:
                 sources, dest = copy_sources(ins)
                 where = PurePosixPath(workdir) / dest
                 build_context_copy(ignore, sources, built.host(str(where)))
@@ -160,6 +160,8 @@ def serve_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltImage
                     pytest.fail(f"line {ins.line} failed:\n{built.log.read_text()[-4000:]}")
                 if stage.name == "deps":
                     built.install_s += time.monotonic() - started
+            elif ins.keyword not in ("USER", "EXPOSE", "HEALTHCHECK", "CMD", "LABEL"):
+                pytest.fail(f"line {ins.line}: this test cannot replay {ins.keyword} {ins.text}")
     print(f"\ndependency layer installed into a fresh venv in {built.install_s:.0f} s")
     yield built
     # 5.5 GB: too much to leave to pytest's rotation of temporary folders, and deleting it
