@@ -129,6 +129,8 @@ class InferenceModel:
             batch = host.to(self.device, non_blocking=True)
         else:
             batch = torch.stack(images).to(self.device)
+        # channels_last while still uint8 (a 1-byte copy); normalize keeps the layout.
+        batch = batch.contiguous(memory_format=torch.channels_last)
         x = normalize(batch, self.preprocessing).to(self.dtype)
         return x.contiguous(memory_format=torch.channels_last)
 

@@ -28,10 +28,20 @@ names the model and version that answered. Every error has the same JSON shape:
 """
 
 
+def _configure_logging(level: str) -> None:
+    """Give the service's loggers a handler like uvicorn's, unless the host app set one."""
+    logger = logging.getLogger("app")
+    logger.setLevel(level.upper())
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; settings default to the ``WASTE_*`` environment (validated here)."""
     settings = settings or load_settings()
-    logging.getLogger("app").setLevel(settings.log_level.upper())
+    _configure_logging(settings.log_level)
     service = Service(settings)
 
     @asynccontextmanager

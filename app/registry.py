@@ -346,8 +346,9 @@ class ModelRegistry:
                 code="unknown_version",
                 details={"model": name, "version": str(version)},
             )
+        if entry.state is VersionState.FAILED:
+            entry.state, entry.error = VersionState.AVAILABLE, None  # an explicit retry
         if entry.state is not VersionState.READY:
-            entry.state, entry.error = VersionState.AVAILABLE, None
             await self._load_entry(entry, ScanReport())
         if entry.state is VersionState.READY and pin:
             entry.pinned = True

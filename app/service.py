@@ -379,6 +379,9 @@ class Service:
                 pending = [o for o in outcomes if isinstance(o, asyncio.Future)]
                 if pending:
                     await asyncio.wait(pending)
+        except BatcherClosed:
+            self._cancel(outcomes, decodes)
+            raise self._unloaded(name, version) from None
         except TimeoutError:
             self._cancel(outcomes, decodes)
             raise Unavailable(

@@ -8,6 +8,7 @@ message names each bad variable, its value and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 from pathlib import Path
@@ -217,12 +218,24 @@ def env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
 
 
+def _unknown_variables() -> list[str]:
+    """WASTE_* variables that are no setting (typos would otherwise be silently ignored)."""
+    known = {env_name(field) for field in Settings.model_fields}
+    problems = []
+    for name in sorted(os.environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), sorted(known), n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(f"{name}: unknown setting{hint}")
+    return problems
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Read the environment (overrides win) and validate, or raise one precise SettingsError."""
+    lines = _unknown_variables()
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
     except ValidationError as exc:
-        lines = []
         for err in exc.errors():
             loc = [str(p) for p in err["loc"]]
             field = loc[0] if loc else ""
@@ -232,6 +245,9 @@ def load_settings(**overrides: Any) -> Settings:
             message = str(err["msg"]).removeprefix("Value error, ")
             lines.append(f"{name}{shown}: {message}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
+    if lines:
+        raise SettingsError("invalid settings:\n  " + "\n  ".join(lines))
+    return settings
 
 
 def describe_settings() -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +13,8 @@ import torch
 from PIL import Image
 
 from app.images import ImageRejected, decode_image
-from training.artifacts import Preprocessing
+from app.inference import InferenceModel
+from training.artifacts import Preprocessing, load_version
 from training.preprocess import eval_transform, normalize
 
 P = Preprocessing(resize_size=36, input_size=32)
@@ -162,3 +164,20 @@ def test_pixel_limit_is_ours() -> None:
     assert info.value.status == 413
     assert "300x200" in info.value.message and "WASTE_MAX_IMAGE_PIXELS" in info.value.message
     assert decode_image(data, "wide.png", P, max_pixels=60_000).width == 300
+
+
+def test_batched_inputs_equal_stacked_eval_transform(template_repo: Path) -> None:
+    loaded = load_version(template_repo / "waste-resnet18-cbam" / "1")
+    model = InferenceModel(loaded, torch.device("cpu"))
+    rng = np.random.default_rng(2)
+    blobs = [
+        encode(Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)), "PNG")
+        for i in range(3)
+    ]
+    decoded = [decode_image(b, "x.png", model.preprocessing, LIMIT).tensor for b in blobs]
+    batch = model.inputs(decoded)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    expected = torch.stack(
+        [eval_transform(model.preprocessing)(Image.open(io.BytesIO(b))) for b in blobs]
+    )
+    assert torch.equal(batch, expected)

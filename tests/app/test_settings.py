@@ -78,6 +78,17 @@ def test_unknown_keyword_is_refused() -> None:
         load_settings(max_batch=3)
 
 
+def test_misspelt_variables_are_refused_with_a_suggestion(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("WASTE_MAX_BATCHSIZE", "4")
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    assert "WASTE_MAX_BATCHSIZE: unknown setting (did you mean WASTE_MAX_BATCH_SIZE?)" in str(
+        info.value
+    )
+
+
 def test_every_setting_is_documented() -> None:
     text = describe_settings()
     for field, info in Settings.model_fields.items():
