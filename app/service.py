@@ -56,6 +56,23 @@ def _bootstrap_function(repo: Path) -> Callable[..., Any]:
         ) from exc
 
 
+def _bootstrap_once(bootstrap: Callable[..., Any], repo: Path, name: str) -> None:
+    """Run the demo bootstrap unless another worker process did it meanwhile.
+
+    With WASTE_WORKERS > 1 every worker starts on the same empty repository; a file lock
+    makes the first one build the demo and the others wait and then find it.
+    """
+    import fcntl  # Linux/macOS: where the service runs
+
+    repo.mkdir(parents=True, exist_ok=True)
+    with (repo / ".bootstrap.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if repository_has_models(repo):
+            log.info("the demo model was published by another worker")
+            return
+        bootstrap(repo, name=name, log=log.info)
+
+
 class Service:
     """Everything the routes need: settings, registry, executors, metrics."""
 
@@ -137,9 +154,10 @@ class Service:
                 )
                 await asyncio.get_running_loop().run_in_executor(
                     self._loader_pool,
-                    lambda: bootstrap(
-                        self.settings.model_dir, name=self.settings.default_model, log=log.info
-                    ),
+                    _bootstrap_once,
+                    bootstrap,
+                    self.settings.model_dir,
+                    self.settings.default_model,
                 )
             self.stage = "loading models"
             report = await self.registry.scan()

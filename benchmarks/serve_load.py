@@ -285,6 +285,7 @@ def start_service(repo: Path, name: str, port: int, args: argparse.Namespace) ->
             "WASTE_MAX_BATCH_SIZE": str(args.max_batch_size),
             "WASTE_MAX_BATCH_DELAY_MS": str(args.max_batch_delay_ms),
             "WASTE_MAX_QUEUE_IMAGES": str(args.max_queue_images),
+            "WASTE_MAX_FILES_PER_REQUEST": str(min(args.max_queue_images, max(args.multi, 1))),
             "WASTE_REQUEST_TIMEOUT_S": str(args.request_timeout_s),
             "WASTE_ACCESS_LOG": "0",
             "WASTE_LOG_LEVEL": "warning",
@@ -367,7 +368,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
-    parser.add_argument("--max-queue-images", type=int, default=64)
+    parser.add_argument(
+        "--max-queue-images",
+        type=int,
+        default=32,
+        help="queue bound; with 2 cores, 32 images are about 2-4 s of work",
+    )
     parser.add_argument("--request-timeout-s", type=float, default=30.0)
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args()

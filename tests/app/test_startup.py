@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import sys
+import time
+import types
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,15 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.service import Service, StartupError
-from tests.app.conftest import settings_for, wait_ready, wait_until
+from tests.app.conftest import (
+    MODEL,
+    files,
+    image_bytes,
+    publish_random,
+    settings_for,
+    wait_ready,
+    wait_until,
+)
 from tests.app.test_api import assert_error
 from tests.app.test_overload import inference_blocked
 
@@ -61,3 +72,36 @@ def test_empty_repository_without_bootstrap_starts_unready(tmp_path: Path) -> No
         wait_until(lambda: service.started, what="start-up")
         assert_error(client.get("/health/ready"), 503, "not_ready", "not in the model repository")
         assert client.get("/v1/models").json()["models"] == []
+
+
+def test_empty_repository_is_bootstrapped_once_even_with_two_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The wiring around ``training.demo.bootstrap_demo`` (tests/training covers the demo).
+
+    A real, faster bootstrapper stands in for the one-minute demo training: it publishes a
+    randomly initialised version with publish_version. Two apps start on the same empty
+    repository at once, as two uvicorn workers would; exactly one version gets published.
+    """
+    calls: list[str] = []
+
+    def bootstrap_demo(repo: Path, name: str, log: Callable[[str], None]) -> None:
+        calls.append(name)
+        log("publishing a demo version")
+        time.sleep(0.3)  # long enough for the other worker to reach the lock
+        publish_random(repo, name, seed=7)
+
+    demo = types.ModuleType("training.demo")
+    demo.bootstrap_demo = bootstrap_demo  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "training.demo", demo)
+    repo = tmp_path / "models"
+    settings = settings_for(repo, bootstrap_demo=True)
+    with TestClient(create_app(settings)) as first, TestClient(create_app(settings)) as second:
+        assert_error(first.get("/health/ready"), 503, "not_ready", "synthetic images")
+        wait_ready(first)
+        wait_ready(second)
+        for client in (first, second):
+            assert client.get("/health/ready").json()["models"] == {MODEL: 1}
+        assert first.post("/v1/predict", files=files(("a.jpg", image_bytes()))).status_code == 200
+    assert calls == [MODEL]
+    assert sorted(p.name for p in (repo / MODEL).iterdir()) == ["1"]
