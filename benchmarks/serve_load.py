@@ -3,28 +3,32 @@
 What it does, in order:
 
 1. Model: publishes a randomly initialised ResNet-18-CBAM (224 px, the default
-   architecture) into a temporary model repository, or uses ``--model-dir``/``--model``.
+   architecture) into a temporary model repository, or serves ``--model-dir``/``--model``.
 2. Images: pre-encodes a few synthetic JPEGs at the model's resize size, so the service's
    resize is a no-op and the numbers measure serving, not image sizes.
-3. Raw: the network's forward pass in this process, prepared exactly as the service
-   prepares it (same threads, channels_last, inference mode), at the batch sizes the
-   scenarios use; measured before and after the service runs (the machine is shared, so
-   both are shown and their mean is the reference).
-4. Service: ``python -m app`` on loopback in a subprocess, driven by
-   ``serve_client.py`` (a light asyncio client in its own process, pre-built requests):
-   - ``clients``: N concurrent closed-loop clients sending single-image requests;
-   - ``multi``: one client sending requests of M images;
-   - ``overload``: open-loop arrivals at F x the throughput measured in ``clients``.
-   The batcher's mean batch size comes from the service's /metrics.
-5. Baseline: ``serve_naive.py`` (plain FastAPI, one forward per request) under the same
-   N clients.
+3. Servers: ``python -m app`` on loopback in a subprocess, and ``serve_naive.py`` (plain
+   FastAPI, one forward pass per request, no batching) on another port.
+4. Rounds (``--rounds``), alternating raw and served runs: raw forward, service with N
+   concurrent single-image clients, raw, service with one client sending M-image
+   requests, raw, naive baseline with N clients, raw, ... Each served run is compared to
+   the raw forward measured just before and just after it. Clients are
+   ``serve_client.py``: a light asyncio client in its own process with pre-built requests.
+   The raw forward runs in this process, prepared exactly as the service prepares it
+   (same threads, channels_last, inference mode, on a worker thread), at the service's
+   maximum batch size.
+5. Overload: open-loop arrivals at F x the throughput of the N-client runs; counts every
+   status, the accepted requests' latency and how fast the 503s come back.
+6. SIGTERM to the service; its exit code is reported.
 
-Prints a table (and ``--json FILE``): images/s, ratio to raw, p50/p95/p99 latency, mean
-batch size, and for overload the 503 counts and times. Other processes on the machine
-make every number noisy; ratios come from one run so they share the conditions.
+Two ratios are printed. ``ratio``: served images/s over raw images/s (wall clock).
+``cpu ratio``: the raw forward's CPU time per image over the server's CPU time per image
+(all its threads), i.e. the share of the server's CPU that goes into the forward pass.
+On a machine shared with other work the wall-clock numbers swing with the neighbours'
+load (and a server with more threads gets a bigger share of a contended CPU); the CPU
+ratio does not, but it cannot see idle gaps. Read both, and the per-round ratios.
 
     python benchmarks/serve_load.py                      # all scenarios, defaults
-    python benchmarks/serve_load.py --duration 10 --scenarios clients multi
+    python benchmarks/serve_load.py --rounds 1 --duration 10 --scenarios clients multi
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without install
 
 import numpy as np
 import torch
@@ -348,11 +354,15 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"service exit code after SIGTERM: {report['shutdown_exit_code']}")
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog=__doc__.split("\n\n", 1)[1],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("--model-dir", type=Path, help="existing model repository to serve")
     parser.add_argument("--model", default="waste-resnet18-cbam", help="model name")

@@ -12,8 +12,11 @@ difference measured is the serving design (batching, one inference thread), noth
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Annotated, Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without install
 
 import torch
 import uvicorn
