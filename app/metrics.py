@@ -10,7 +10,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -23,8 +23,14 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 RATE_WINDOW_S = 10.0
 
 
+def _prune(recent: deque[tuple[float, int]], now: float) -> None:
+    while recent and recent[0][0] < now - RATE_WINDOW_S:
+        recent.popleft()
+
+
 class Metrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # no *_created series: they only add noise to scrapes
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "waste_requests",
@@ -77,15 +83,16 @@ class Metrics:
         for seconds in stats.queue_waits_s:
             wait.observe(seconds)
         if stats.ok:
+            now = time.monotonic()
             recent = self._recent_by_version.setdefault(labels, deque())
-            recent.append((time.monotonic(), stats.size))
+            recent.append((now, stats.size))
+            _prune(recent, now)  # bounded even when nobody scrapes
 
     def images_per_second(self) -> dict[tuple[str, str], float]:
         now = time.monotonic()
         rates = {}
         for labels, recent in self._recent_by_version.items():
-            while recent and recent[0][0] < now - RATE_WINDOW_S:
-                recent.popleft()
+            _prune(recent, now)
             rates[labels] = sum(n for _, n in recent) / RATE_WINDOW_S
         return rates
 
