@@ -12,10 +12,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import sklearn.metrics  # noqa: F401  (import-time check: the training extras are installed)
 import torch
 
 from training.artifacts import VersionRef
 from training.config import TrainConfig
+from training.publish import publish_run
+from training.synth import generate_synthetic_dataset
+from training.trainer import train
 
 DEMO_DESCRIPTION = (
     "DEMO model: a small ResNet-18-CBAM trained for about a minute from random weights on "
@@ -60,12 +64,9 @@ def bootstrap_demo(
     """Generate synthetic data, train for about ``budget_s`` seconds, evaluate, publish.
 
     Returns the published version. Needs only the training extras (no pretrained weights,
-    no dataset, no network access).
+    no dataset, no network access); importing this module fails with ImportError when they
+    are missing, which is what the service checks.
     """
-    from training.publish import publish_run
-    from training.synth import generate_synthetic_dataset
-    from training.trainer import train
-
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="waste-demo-") as tmp:
         data = Path(tmp) / "data"
