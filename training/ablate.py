@@ -63,8 +63,7 @@ def ablate(
     log: Callable[[str], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train every variant into ``base.out_dir/<variant>``; write ablation.md and .json there."""
-    from training.data import prepare_splits
-    from training.trainer import train
+    from training.trainer import load_splits, train
 
     say = log or print
     if base.out_dir is None:
@@ -77,17 +76,8 @@ def ablate(
         if splits_file is None:
             splits_file = out_dir / "splits.json"
             if ctx.is_main:
-                if base.data_dir is None:
-                    raise ConfigError("ablate needs data (--data DIR or --splits-file FILE)")
                 out_dir.mkdir(parents=True, exist_ok=True)
-                prepare_splits(
-                    base.data_dir,
-                    val_fraction=base.val_fraction,
-                    test_fraction=base.test_fraction,
-                    seed=base.seed,
-                    verify_images=base.verify_images,
-                    log=say,
-                ).save(splits_file)
+                load_splits(base, say).save(splits_file)
             barrier(ctx)
         rows: list[dict[str, Any]] = []
         for name, update in todo:

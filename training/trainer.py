@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -59,6 +59,9 @@ from training.strategies import (
     plan_stages,
     stage_at,
 )
+
+if TYPE_CHECKING:
+    from training.data import DataSplits
 
 Log = Callable[[str], None]
 EpochCallback = Callable[[dict[str, Any]], None]
@@ -143,6 +146,24 @@ def _epoch_line(rec: dict[str, Any], total: int, best: bool) -> str:
     )
 
 
+def load_splits(config: TrainConfig, log: Callable[[str], None]) -> DataSplits:
+    """The run's data: a saved split file if given, else a fresh stratified split of data_dir."""
+    from training.data import DataSplits, prepare_splits
+
+    if config.splits_file is not None:
+        return DataSplits.load(config.splits_file)
+    if config.data_dir is None:
+        raise ConfigError("no data: give data_dir (--data DIR) or splits_file")
+    return prepare_splits(
+        config.data_dir,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        seed=config.seed,
+        verify_images=config.verify_images,
+        log=log,
+    )
+
+
 def train(
     config: TrainConfig,
     *,
@@ -190,7 +211,6 @@ def _train(
         DataSplits,
         ImageDataset,
         class_weights,
-        prepare_splits,
         sample_weights,
         train_transform,
     )
@@ -225,21 +245,7 @@ def _train(
             f"device: {device}"
             + (f", {ctx.world_size} processes ({ctx.backend})" if ctx.distributed else "")
         )
-        if last_path is not None:
-            splits = DataSplits.load(splits_path)
-        elif config.splits_file is not None:
-            splits = DataSplits.load(config.splits_file)
-        elif config.data_dir is not None:
-            splits = prepare_splits(
-                config.data_dir,
-                val_fraction=config.val_fraction,
-                test_fraction=config.test_fraction,
-                seed=config.seed,
-                verify_images=config.verify_images,
-                log=log,
-            )
-        else:
-            raise ConfigError("no data: give data_dir (--data DIR) or splits_file")
+        splits = DataSplits.load(splits_path) if last_path is not None else load_splits(config, log)
         splits.save(splits_path)
         save_config(config, run_dir / "config.json")
         (run_dir / "class_index.json").write_text(
