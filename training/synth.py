@@ -231,31 +231,25 @@ def _glass_parts(rng: np.random.Generator, color: Array) -> list[Part]:
     return parts
 
 
-def _brown_glass(rng: np.random.Generator, tint: Array | None) -> tuple[list[Part], float]:
-    color = (
-        tint
-        if tint is not None
-        else _hsv(rng.uniform(0.03, 0.1), rng.uniform(0.6, 0.9), rng.uniform(0.3, 0.6))
-    )
-    return _glass_parts(rng, color), 35.0
+def _glass(
+    hue: tuple[float, float], sat: tuple[float, float], val: tuple[float, float]
+) -> Callable[[np.random.Generator, Array | None], tuple[list[Part], float]]:
+    """A glass class: the same bottles and jars, told apart by the tint's HSV ranges."""
+
+    def style(rng: np.random.Generator, tint: Array | None) -> tuple[list[Part], float]:
+        color = (
+            tint
+            if tint is not None
+            else _hsv(rng.uniform(*hue), rng.uniform(*sat), rng.uniform(*val))
+        )
+        return _glass_parts(rng, color), 35.0
+
+    return style
 
 
-def _green_glass(rng: np.random.Generator, tint: Array | None) -> tuple[list[Part], float]:
-    color = (
-        tint
-        if tint is not None
-        else _hsv(rng.uniform(0.22, 0.42), rng.uniform(0.5, 0.9), rng.uniform(0.35, 0.7))
-    )
-    return _glass_parts(rng, color), 35.0
-
-
-def _white_glass(rng: np.random.Generator, tint: Array | None) -> tuple[list[Part], float]:
-    color = (
-        tint
-        if tint is not None
-        else _hsv(rng.uniform(0.45, 0.6), rng.uniform(0.0, 0.15), rng.uniform(0.75, 0.95))
-    )
-    return _glass_parts(rng, color), 35.0
+_brown_glass = _glass(hue=(0.03, 0.1), sat=(0.6, 0.9), val=(0.3, 0.6))
+_green_glass = _glass(hue=(0.22, 0.42), sat=(0.5, 0.9), val=(0.35, 0.7))
+_white_glass = _glass(hue=(0.45, 0.6), sat=(0.0, 0.15), val=(0.75, 0.95))
 
 
 def _plastic(rng: np.random.Generator, tint: Array | None) -> tuple[list[Part], float]:
