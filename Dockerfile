@@ -61,6 +61,7 @@ RUN --mount=type=cache,target=/root/.cache/pip \
 FROM train-deps AS train
 WORKDIR /opt/build
 COPY pyproject.toml README.md ./
+COPY wastenet/ wastenet/
 COPY training/ training/
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps . && rm -rf build ./*.egg-info
@@ -76,13 +77,12 @@ USER 10001:10001
 CMD ["python", "-m", "training", "--help"]
 
 # ---- the service (default target) ------------------------------------------------------
-# app/ plus only the torch-only parts of training/ that the service imports: the network
-# builders, the artifact reader and the shared preprocessing. No training loop, no extras.
+# app/ plus the shared core (wastenet/: schema, networks, artifacts, preprocessing). No
+# training code, no training extras.
 FROM deps AS serve
 WORKDIR /opt/build
 COPY pyproject.toml README.md ./
-COPY training/__init__.py training/classes.py training/artifacts.py training/preprocess.py training/
-COPY training/nets/ training/nets/
+COPY wastenet/ wastenet/
 COPY app/ app/
 RUN --mount=type=cache,target=/root/.cache/pip \
     pip install --no-deps . && rm -rf build ./*.egg-info

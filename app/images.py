@@ -1,7 +1,7 @@
 """Decode an uploaded file into the network's uint8 input, or say precisely why not.
 
 Runs in worker threads (never on the event loop). The colour conversion and resize/crop
-are training's own (:mod:`training.preprocess`), so the service builds exactly the tensor
+are training's own (:mod:`wastenet.preprocess`), so the service builds exactly the tensor
 that training's evaluation builds for the same file.
 
 Limits, in the order they are checked: empty file; format sniffed from the bytes (the
@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from PIL import Image, ImageFile, UnidentifiedImageError
 from torch import Tensor
 
-from training.artifacts import Preprocessing
-from training.preprocess import resize_crop, to_rgb
+from wastenet.preprocess import resize_crop, to_rgb
+from wastenet.schema import Preprocessing
 
 # Pillow format names -> what we call them in messages.
 ALLOWED_FORMATS: dict[str, str] = {

@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from app.settings import Settings, SettingsError
-from training.artifacts import LoadedVersion, Preprocessing
-from training.preprocess import normalize
+from wastenet.artifacts import LoadedVersion
+from wastenet.preprocess import normalize
+from wastenet.schema import Preprocessing
 
 log = logging.getLogger("app.inference")
 

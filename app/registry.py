@@ -33,9 +33,8 @@ from app.batcher import BatchStats, DynamicBatcher
 from app.errors import NotFound, Unavailable
 from app.inference import InferenceItem, InferenceModel, TopK, warmup_batch_sizes
 from app.settings import Settings
-from training.artifacts import (
+from wastenet.artifacts import (
     ArtifactError,
-    ModelMetadata,
     list_models,
     list_versions,
     load_version,
@@ -43,6 +42,7 @@ from training.artifacts import (
     read_metadata,
     write_aliases,
 )
+from wastenet.schema import ModelMetadata
 
 log = logging.getLogger("app.registry")
 

@@ -23,7 +23,7 @@ from app.schemas import (
     VersionInfo,
 )
 from app.service import Service, service_from
-from training.artifacts import ALIAS_RE, RESERVED_ALIASES
+from wastenet.schema import ALIAS_RE, RESERVED_ALIASES
 
 ServiceDep = Annotated[Service, Depends(service_from)]
 ModelName = Annotated[str, Path(description="Model name, e.g. waste-resnet18-cbam.")]

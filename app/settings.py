@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from training.artifacts import MODEL_NAME_RE
+from wastenet.schema import MODEL_NAME_RE
 
 ENV_PREFIX = "WASTE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")

@@ -63,9 +63,10 @@ from PIL import Image, ImageDraw
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.inference import InferenceModel, usable_cores
-from training.artifacts import Preprocessing, list_versions, load_version, publish_version
-from training.classes import CLASS_NAMES
-from training.nets import ModelConfig, build_model
+from wastenet.artifacts import list_versions, load_version, publish_version
+from wastenet.classes import CLASS_NAMES
+from wastenet.nets import ModelConfig, build_model
+from wastenet.schema import Preprocessing
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent

@@ -24,7 +24,7 @@ from fastapi import FastAPI, File, UploadFile
 
 from app.images import decode_image
 from app.inference import InferenceItem, InferenceModel, usable_cores
-from training.artifacts import load_version
+from wastenet.artifacts import load_version
 
 
 def build_app(version_dir: Path) -> FastAPI:

@@ -30,9 +30,9 @@ from training.data import ImageDataset, prepare_splits, train_transform
 from training.distributed import DistContext, resolve_device
 from training.engine import train_one_epoch
 from training.loaders import auto_num_workers, build_train_loader, set_loader_epoch
-from training.nets import ModelConfig, build_model
 from training.synth import generate_synthetic_dataset
 from training.trainer import amp_settings
+from wastenet.nets import ModelConfig, build_model
 
 
 def _r(values: list[float]) -> list[float]:

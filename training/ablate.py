@@ -9,7 +9,7 @@ from typing import Any
 
 from training.config import ConfigError, TrainConfig
 from training.distributed import barrier, broadcast_object, cleanup, init_distributed
-from training.nets import ModelConfig, build_model, count_parameters
+from wastenet.nets import ModelConfig, build_model, count_parameters
 
 PLACEMENTS = ("none", "stage", "block", "block_post")
 COLUMNS = (

@@ -143,7 +143,7 @@ def _add_field(
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig setting (dest ``name``, ``model.name`` or ``augment.name``)."""
     from training.data import AugmentConfig
-    from training.nets import ModelConfig
+    from wastenet.nets import ModelConfig
 
     parser.add_argument(
         "--config",
@@ -286,7 +286,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from training.distributed import resolve_device
-    from training.inference import find_images, load_predictor, predict_images, write_predictions
+    from training.predict import find_images, load_predictor, predict_images, write_predictions
 
     predictor = load_predictor(args.source, resolve_device(args.device))
     paths = find_images(args.images)
@@ -466,10 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from training.artifacts import ArtifactError
     from training.checkpoint import CheckpointError
     from training.data import DatasetError
-    from training.nets import PretrainedWeightsError
+    from wastenet.artifacts import ArtifactError
+    from wastenet.nets import PretrainedWeightsError
 
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -15,9 +15,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.artifacts import Preprocessing
 from training.data import AugmentConfig
-from training.nets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from wastenet.nets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from wastenet.schema import Preprocessing
 
 Strategy = Literal["frozen", "differential", "three_stage"]
 SchedulerName = Literal["cosine", "plateau", "constant"]
@@ -237,7 +237,7 @@ class TrainConfig(BaseModel):
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {list(self.std)}")
         if self.publish_name is not None:
-            from training.artifacts import validate_model_name
+            from wastenet.schema import validate_model_name
 
             validate_model_name(self.publish_name)
         if self.device != "auto" and not (

@@ -31,9 +31,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
-from training.artifacts import Preprocessing
-from training.classes import CLASS_NAMES, canonical_class_name
-from training.preprocess import normalize, to_rgb
+from wastenet.classes import CLASS_NAMES, canonical_class_name
+from wastenet.preprocess import normalize, to_rgb
+from wastenet.schema import Preprocessing
 
 logger = logging.getLogger(__name__)
 

@@ -15,11 +15,11 @@ from pathlib import Path
 import sklearn.metrics  # noqa: F401  (import-time check: the training extras are installed)
 import torch
 
-from training.artifacts import VersionRef
 from training.config import TrainConfig
 from training.publish import publish_run
 from training.synth import generate_synthetic_dataset
 from training.trainer import train
+from wastenet.artifacts import VersionRef
 
 DEMO_DESCRIPTION = (
     "DEMO model: a small ResNet-18-CBAM trained for about a minute from random weights on "
@@ -31,7 +31,7 @@ DEMO_DESCRIPTION = (
 
 def _seconds_per_epoch(config: TrainConfig, train_images: int) -> float:
     """Time two training steps of the demo network on random tensors (after one warm-up)."""
-    from training.nets import build_model
+    from wastenet.nets import build_model
 
     model = build_model(config.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from training.config import ConfigError
 from training.distributed import resolve_device
 from training.engine import evaluate
-from training.inference import load_predictor
-from training.preprocess import eval_transform
+from training.predict import load_predictor
+from wastenet.preprocess import eval_transform
 
 
 def evaluate_source(

@@ -7,10 +7,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from training.artifacts import Preprocessing, VersionRef, publish_version
 from training.checkpoint import CheckpointError, load_checkpoint
 from training.config import TrainConfig
-from training.nets import ModelConfig, build_model
+from wastenet.artifacts import VersionRef, publish_version
+from wastenet.nets import ModelConfig, build_model
+from wastenet.schema import Preprocessing
 
 
 def default_description(config: TrainConfig, metrics: dict[str, Any]) -> str:

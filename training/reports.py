@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from training.artifacts import Evaluation
 from training.data import SPLITS, DataSplits, Sample
-from training.preprocess import to_rgb
+from wastenet.preprocess import to_rgb
+from wastenet.schema import Evaluation
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -137,7 +137,7 @@ def classification_metrics(
 
 
 def evaluation_summary(metrics: Mapping[str, Any], split: str = "test") -> dict[str, Any]:
-    """The fields of ``training.artifacts.Evaluation`` for ``model.json``.
+    """The fields of ``wastenet.artifacts.Evaluation`` for ``model.json``.
 
     ``per_class_f1`` leaves out classes whose F1 is undefined (absent and never predicted).
     """

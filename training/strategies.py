@@ -1,7 +1,7 @@
 """Fine-tuning strategies as a plan of stages, and the optimizer/scheduler of each stage.
 
 A strategy is a list of stages. Each stage names the parts that train (see
-``training.nets.PARTS``) and the learning rate of each parameter group. At a stage
+``wastenet.nets.PARTS``) and the learning rate of each parameter group. At a stage
 boundary the trainer freezes/unfreezes parts, then builds a *new* optimizer over exactly
 the trainable parameters and a new scheduler on that optimizer, so that no frozen
 parameter sits in an optimizer and no unfrozen one is silently left out. Optimizer state
@@ -21,8 +21,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler, ReduceLROnPlateau
 
 from training.config import TrainConfig
-from training.nets import BACKBONE_PARTS, PARTS, param_groups, set_trainable
-from training.nets.finetune import named_parts
+from training.finetune import BACKBONE_PARTS, PARTS, named_parts, param_groups, set_trainable
 
 NEW_PARTS: tuple[str, ...] = ("attention", "head")
 Scheduler = LRScheduler | ReduceLROnPlateau

@@ -27,7 +27,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from training.classes import CLASS_NAMES, canonical_class_name
+from wastenet.classes import CLASS_NAMES, canonical_class_name
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 MANIFEST_FILE = "synthetic.json"

@@ -30,7 +30,6 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from training.artifacts import VersionRef
 from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from training.config import ConfigError, TrainConfig, save_config
 from training.distributed import (
@@ -49,7 +48,6 @@ from training.loaders import (
     build_train_loader,
     set_loader_epoch,
 )
-from training.nets import build_model, find_pretrained, load_pretrained
 from training.strategies import (
     apply_stage,
     build_optimizer,
@@ -59,6 +57,8 @@ from training.strategies import (
     plan_stages,
     stage_at,
 )
+from wastenet.artifacts import VersionRef
+from wastenet.nets import build_model, find_pretrained, load_pretrained
 
 if TYPE_CHECKING:
     from training.data import DataSplits
@@ -214,7 +214,7 @@ def _train(
         sample_weights,
         train_transform,
     )
-    from training.preprocess import eval_transform
+    from wastenet.preprocess import eval_transform
 
     device = ctx.device
     seed_everything(config.seed)

@@ -1,6 +1,6 @@
 """Fixtures for the service tests: small real model versions and running apps.
 
-Versions are written by ``training.artifacts.publish_version`` from randomly initialised
+Versions are written by ``wastenet.artifacts.publish_version`` from randomly initialised
 ResNet-18-CBAM networks at 32 px (fast on CPU). They are published once per session into
 a template repository; each test gets its own repository made of hard links to those
 files (instant), so tests can add, break or remove versions without touching others.
@@ -24,9 +24,10 @@ from PIL import Image
 
 from app.main import create_app
 from app.settings import Settings, load_settings
-from training.artifacts import Preprocessing, publish_version
-from training.classes import CLASS_NAMES
-from training.nets import ModelConfig, build_model
+from wastenet.artifacts import publish_version
+from wastenet.classes import CLASS_NAMES
+from wastenet.nets import ModelConfig, build_model
+from wastenet.schema import Preprocessing
 
 MODEL = "waste-resnet18-cbam"
 OTHER = "other-model"

@@ -23,9 +23,9 @@ from tests.app.conftest import (
     wait_ready,
 )
 from tests.app.test_images import bomb_png
-from training.artifacts import load_version
-from training.classes import CLASS_NAMES
-from training.preprocess import eval_transform
+from wastenet.artifacts import load_version
+from wastenet.classes import CLASS_NAMES
+from wastenet.preprocess import eval_transform
 
 ERROR_KEYS = {"code", "message", "details"}
 

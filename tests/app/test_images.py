@@ -14,8 +14,9 @@ from PIL import Image
 
 from app.images import ImageRejected, decode_image
 from app.inference import InferenceModel
-from training.artifacts import Preprocessing, load_version
-from training.preprocess import eval_transform, normalize
+from wastenet.artifacts import load_version
+from wastenet.preprocess import eval_transform, normalize
+from wastenet.schema import Preprocessing
 
 P = Preprocessing(resize_size=36, input_size=32)
 LIMIT = 10_000_000

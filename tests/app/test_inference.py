@@ -9,7 +9,7 @@ import torch
 
 from app.inference import InferenceItem, InferenceModel, warmup_batch_sizes
 from tests.app.conftest import MODEL
-from training.artifacts import load_version
+from wastenet.artifacts import load_version
 
 
 def test_each_item_gets_its_own_top_k_and_batching_does_not_change_results(

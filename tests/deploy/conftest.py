@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from tests.deploy.serving import DEFAULT_MODEL
-from training.artifacts import Preprocessing, publish_version
-from training.classes import CLASS_NAMES
-from training.nets import ModelConfig, build_model
+from wastenet.artifacts import publish_version
+from wastenet.classes import CLASS_NAMES
+from wastenet.nets import ModelConfig, build_model
+from wastenet.schema import Preprocessing
 
 
 @pytest.fixture(scope="session")

@@ -174,18 +174,19 @@ def serve_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BuiltImage
     )
 
 
-def test_serving_install_has_no_training_extras_nor_the_training_loop(
+def test_serving_install_has_no_training_extras_nor_training_code(
     serve_image: BuiltImage,
 ) -> None:
     probe = (
         "import importlib.util as u, json; "
         "print(json.dumps({m: u.find_spec(m) is not None for m in "
-        "('torch', 'fastapi', 'app', 'training.nets', 'training.artifacts', "
-        "'sklearn', 'matplotlib', 'tqdm', 'training.trainer', 'training.cli')}))"
+        "('torch', 'fastapi', 'app', 'wastenet.nets', 'wastenet.artifacts', "
+        "'sklearn', 'matplotlib', 'tqdm', 'training')}))"
     )
     done = subprocess.run(
         [str(serve_image.python), "-c", probe],
         cwd=serve_image.host(serve_image.image.workdir),
+        env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
         capture_output=True,
         text=True,
         check=True,
@@ -195,13 +196,12 @@ def test_serving_install_has_no_training_extras_nor_the_training_loop(
         "torch": True,
         "fastapi": True,
         "app": True,
-        "training.nets": True,
-        "training.artifacts": True,
+        "wastenet.nets": True,
+        "wastenet.artifacts": True,
         "sklearn": False,
         "matplotlib": False,
         "tqdm": False,
-        "training.trainer": False,
-        "training.cli": False,
+        "training": False,
     }
 
 

@@ -49,7 +49,7 @@ def test_rules_read_as_docker_reads_them(rules: str, path: str, excluded: bool) 
         ".pytest_cache/v/cache/nodeids",
         ".ruff_cache/content",
         "app/__pycache__/main.cpython-311.pyc",
-        "training/nets/__pycache__/resnet.cpython-311.pyc",
+        "wastenet/nets/__pycache__/resnet.cpython-311.pyc",
         "waste_classifier.egg-info/PKG-INFO",
         "tests/deploy/test_dockerignore.py",
         "benchmarks/service_throughput.py",
@@ -65,14 +65,14 @@ def test_heavy_secret_and_test_files_stay_out(path: str) -> None:
 
 def test_the_context_is_the_packages_and_their_metadata_only() -> None:
     files = IGNORE.context_files(REPO)
-    assert {"pyproject.toml", "README.md", "app/main.py", "training/artifacts.py"} <= set(files)
-    outside = [f for f in files if not f.startswith(("app/", "training/"))]
+    assert {"pyproject.toml", "README.md", "app/main.py", "wastenet/artifacts.py"} <= set(files)
+    outside = [f for f in files if not f.startswith(("app/", "training/", "wastenet/"))]
     assert sorted(outside) == ["README.md", "pyproject.toml"]
     assert not [f for f in files if "__pycache__" in f or f.endswith(".pyc")]
     # Every tracked source file of the packages is sent (nothing needed is left out).
     sources = sorted(
         p.relative_to(REPO).as_posix()
-        for package in ("app", "training")
+        for package in ("app", "training", "wastenet")
         for p in (REPO / package).rglob("*.py")
         if "__pycache__" not in p.parts
     )

@@ -16,8 +16,6 @@ import torch
 from PIL import Image
 from pydantic import ValidationError
 
-from training.artifacts import Preprocessing
-from training.classes import CLASS_NAMES
 from training.data import (
     EMPTY_FILE,
     NOT_AN_IMAGE,
@@ -36,8 +34,10 @@ from training.data import (
     sample_weights,
     train_transform,
 )
-from training.preprocess import eval_transform
 from training.synth import generate_synthetic_dataset
+from wastenet.classes import CLASS_NAMES
+from wastenet.preprocess import eval_transform
+from wastenet.schema import Preprocessing
 
 PER_CLASS = 10
 

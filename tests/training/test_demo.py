@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from tests.training.train_helpers import one_thread
-from training.artifacts import list_versions, load_version
 from training.demo import bootstrap_demo
+from wastenet.artifacts import list_versions, load_version
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from training.artifacts import Evaluation
 from training.data import DataSplits, Sample
 from training.reports import (
     classification_metrics,
@@ -22,6 +21,7 @@ from training.reports import (
     write_plots,
 )
 from training.synth import generate_synthetic_dataset
+from wastenet.schema import Evaluation
 
 NAMES = ("a", "b", "c")
 # True labels 0 0 1 1 2 2; predictions (argmax) 0 1 1 1 2 0.

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from training.config import TrainConfig
 from training.engine import train_one_epoch
-from training.nets import PARTS, ModelConfig, build_model, named_parts
+from training.finetune import PARTS, named_parts
 from training.strategies import (
     WarmupCosine,
     apply_stage,
@@ -23,6 +23,7 @@ from training.strategies import (
     plan_stages,
     stage_at,
 )
+from wastenet.nets import ModelConfig, build_model
 
 SIZE = 32
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.classes import CLASS_NAMES
 from training.synth import MANIFEST_FILE, generate_synthetic_dataset, render_image
+from wastenet.classes import CLASS_NAMES
 
 
 def _pixels(path: Path) -> np.ndarray:

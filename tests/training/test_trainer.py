@@ -13,13 +13,13 @@ import torch
 from PIL import Image
 
 from tests.training.train_helpers import make_data, one_thread
-from training.artifacts import config_digest, load_version
 from training.checkpoint import load_checkpoint
 from training.cli import main
 from training.config import TrainConfig
 from training.data import DataSplits
-from training.nets import ModelConfig, build_model
-from training.preprocess import eval_transform
+from wastenet.artifacts import config_digest, load_version
+from wastenet.nets import ModelConfig, build_model
+from wastenet.preprocess import eval_transform
 
 NAME = "waste-test"
 EPOCHS = 5

@@ -3,7 +3,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
-from training.nets import (
+from wastenet.nets import (
     CBAM,
     GATE_INIT,
     IBN,

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from torch import nn
 
-from training.nets.cbam import CBAM
+from wastenet.nets import CBAM
 
 PARTS: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4", "attention", "head")
 BACKBONE_PARTS: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
@@ -84,10 +84,6 @@ def unfreeze(model: nn.Module, parts: Iterable[str]) -> int:
 def trainable_parts(model: nn.Module) -> list[str]:
     """Parts with at least one trainable parameter."""
     return [part for part, ps in named_parts(model).items() if any(p.requires_grad for _, p in ps)]
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def group_of(part: str) -> GroupName:

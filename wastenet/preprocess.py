@@ -16,7 +16,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 
-from training.artifacts import Preprocessing
+from wastenet.schema import Preprocessing
 
 WHITE = (255, 255, 255)
 _INTERPOLATIONS = {

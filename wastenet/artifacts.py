@@ -1,4 +1,6 @@
-"""Model versions on disk: the contract between training and the service (torch-only).
+"""Model versions on disk: publish, read, check and load them (torch).
+
+The contract itself (``model.json``, names, file names) is ``wastenet.schema``.
 
 Layout (see DESIGN.md)::
 
@@ -18,7 +20,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -30,18 +31,25 @@ from typing import Any
 import safetensors.torch
 import torch
 import torchvision
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 from torch import nn
 
-from training.nets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig, build_model
+from wastenet.nets import build_model
+from wastenet.schema import (
+    ALIAS_RE,
+    ALIASES_FILE,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    MODEL_NAME_RE,
+    RESERVED_ALIASES,
+    WEIGHTS_FILE,
+    Evaluation,
+    ModelConfig,
+    ModelMetadata,
+    Preprocessing,
+    validate_model_name,
+)
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.safetensors"
-METADATA_FILE = "model.json"
-ALIASES_FILE = "aliases.json"
-MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
-RESERVED_ALIASES = frozenset({"latest"})
 _TMP_PREFIX = ".tmp-"
 
 
@@ -52,79 +60,6 @@ class ArtifactError(Exception):
         self.path = Path(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
-
-
-class Preprocessing(BaseModel):
-    """How the service must turn an image into the network's input tensor."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    resize_size: int = Field(default=256, ge=8)
-    input_size: int = Field(default=224, ge=8)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: str = "bilinear"
-
-    @field_validator("std")
-    @classmethod
-    def _positive_std(cls, std: tuple[float, float, float]) -> tuple[float, float, float]:
-        if any(s <= 0 for s in std):
-            raise ValueError(f"std must be positive, got {std}")
-        return std
-
-
-class Evaluation(BaseModel):
-    """Evaluation summary of a version on a held-out split."""
-
-    model_config = ConfigDict(frozen=True, extra="allow")
-
-    split: str = "test"
-    num_samples: int = Field(ge=0)
-    accuracy: float = Field(ge=0.0, le=1.0)
-    macro_f1: float = Field(ge=0.0, le=1.0)
-    per_class_f1: dict[str, float]
-
-
-class ModelMetadata(BaseModel):
-    """The content of ``model.json``: everything needed to rebuild and to serve a version."""
-
-    model_config = ConfigDict(frozen=True, extra="allow", protected_namespaces=())
-
-    format_version: int
-    architecture: ModelConfig
-    class_names: list[str] = Field(min_length=2)
-    preprocessing: Preprocessing
-    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
-    evaluation: Evaluation
-    training_config_digest: str
-    created_at: datetime
-    torch_version: str
-    torchvision_version: str
-    description: str = ""
-
-    @field_validator("format_version")
-    @classmethod
-    def _known_format(cls, v: int) -> int:
-        if v != FORMAT_VERSION:
-            raise ValueError(
-                f"format_version {v} is not supported (this reader knows {FORMAT_VERSION})"
-            )
-        return v
-
-    def check_consistent(self) -> None:
-        """Raise ValueError when the parts of the metadata disagree with each other."""
-        if len(self.class_names) != self.architecture.num_classes:
-            raise ValueError(
-                f"{len(self.class_names)} class_names but architecture.num_classes is "
-                f"{self.architecture.num_classes}"
-            )
-        if len(set(self.class_names)) != len(self.class_names):
-            raise ValueError("class_names has duplicates")
-        if self.preprocessing.input_size > self.preprocessing.resize_size:
-            raise ValueError(
-                f"input_size {self.preprocessing.input_size} exceeds resize_size "
-                f"{self.preprocessing.resize_size}"
-            )
 
 
 @dataclass(frozen=True)
@@ -139,15 +74,6 @@ class LoadedVersion:
     ref: VersionRef
     metadata: ModelMetadata
     model: nn.Module
-
-
-def validate_model_name(name: str) -> str:
-    if not MODEL_NAME_RE.fullmatch(name):
-        raise ValueError(
-            f"invalid model name {name!r}: use 1-64 characters a-z 0-9 . _ -, "
-            "starting with a letter or digit"
-        )
-    return name
 
 
 def config_digest(config: Mapping[str, Any]) -> str:

@@ -7,10 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.artifacts import (
-    FORMAT_VERSION,
+from wastenet.artifacts import (
     ArtifactError,
-    Preprocessing,
     config_digest,
     list_versions,
     load_version,
@@ -18,11 +16,11 @@ from training.artifacts import (
     read_aliases,
     read_metadata,
     sha256_file,
-    validate_model_name,
     write_aliases,
 )
-from training.classes import CLASS_NAMES
-from training.nets import ModelConfig, build_model
+from wastenet.classes import CLASS_NAMES
+from wastenet.nets import ModelConfig, build_model
+from wastenet.schema import FORMAT_VERSION, Preprocessing, validate_model_name
 
 EVALUATION = {
     "split": "test",

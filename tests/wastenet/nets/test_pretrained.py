@@ -5,7 +5,7 @@ import torch
 import torchvision
 from torch import nn
 
-from training.nets import (
+from wastenet.nets import (
     CBAM,
     ModelConfig,
     PretrainedWeightsError,

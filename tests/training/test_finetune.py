@@ -4,17 +4,16 @@ import pytest
 import torch
 from torch import nn
 
-from training.nets import (
+from training.finetune import (
     GROUPS,
     PARTS,
-    ModelConfig,
-    build_model,
     freeze,
     named_parts,
     param_groups,
     trainable_parts,
     unfreeze,
 )
+from wastenet.nets import ModelConfig, build_model
 
 LRS = {"backbone": 1e-5, "attention": 1e-4, "head": 1e-3}
 

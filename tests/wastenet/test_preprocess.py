@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from training.artifacts import Preprocessing
-from training.preprocess import eval_transform, normalize, resize_crop, to_rgb
+from wastenet.preprocess import eval_transform, normalize, resize_crop, to_rgb
+from wastenet.schema import Preprocessing
 
 
 def test_alpha_is_composited_on_white() -> None:

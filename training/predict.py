@@ -14,10 +14,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from training.artifacts import METADATA_FILE, Preprocessing, load_version
 from training.checkpoint import CheckpointError, load_checkpoint
-from training.nets import ModelConfig, build_model
-from training.preprocess import eval_transform
+from wastenet.artifacts import load_version
+from wastenet.nets import ModelConfig, build_model
+from wastenet.preprocess import eval_transform
+from wastenet.schema import METADATA_FILE, Preprocessing
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 

@@ -10,12 +10,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from training.nets.cbam import CBAM
-from training.nets.config import ModelConfig
-from training.nets.ibn import IBN
-
-IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+from wastenet.nets.cbam import CBAM
+from wastenet.nets.ibn import IBN
+from wastenet.schema import ModelConfig
 
 
 class PretrainedWeightsError(RuntimeError):

@@ -13,10 +13,10 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from training.nets.cbam import CBAM
-from training.nets.config import ModelConfig
-from training.nets.heads import BNNeck
-from training.nets.ibn import IBN
+from wastenet.nets.cbam import CBAM
+from wastenet.nets.heads import BNNeck
+from wastenet.nets.ibn import IBN
+from wastenet.schema import ModelConfig
 
 AttnLayer = Callable[[int], nn.Module]
 NormLayer = Callable[[int], nn.Module]
@@ -287,6 +287,10 @@ IBN_STAGES = frozenset({1, 2, 3})
 def list_architectures() -> list[str]:
     """Backbone names accepted by ``ModelConfig.arch``."""
     return list(_ARCHS)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
 def build_model(config: ModelConfig) -> ResNet:
