@@ -44,6 +44,7 @@ from wastenet.schema import (
     RESERVED_ALIASES,
     WEIGHTS_FILE,
     Evaluation,
+    ExportedFile,
     ModelConfig,
     ModelMetadata,
     Preprocessing,
@@ -202,11 +203,8 @@ def read_metadata(version_dir: str | os.PathLike[str]) -> ModelMetadata:
     return metadata
 
 
-def read_weights(
-    version_dir: str | os.PathLike[str], expected_sha256: str
-) -> dict[str, torch.Tensor]:
-    """Read the weights once, check their sha256, and parse them from the same bytes."""
-    path = Path(version_dir) / WEIGHTS_FILE
+def read_checked(path: Path, expected_sha256: str) -> bytes:
+    """Read a version's file once and check its sha256; raise ArtifactError naming it."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -220,10 +218,24 @@ def read_weights(
             f"sha256 mismatch: model.json says {expected_sha256[:12]}..., file has "
             f"{actual[:12]}... ({len(data)} bytes); the file was modified or truncated",
         )
+    return data
+
+
+def read_weights(
+    version_dir: str | os.PathLike[str], expected_sha256: str
+) -> dict[str, torch.Tensor]:
+    """Read the weights once, check their sha256, and parse them from the same bytes."""
+    path = Path(version_dir) / WEIGHTS_FILE
+    data = read_checked(path, expected_sha256)
     try:
         return safetensors.torch.load(data)
     except Exception as exc:
         raise ArtifactError(path, f"not a readable safetensors file: {exc}") from exc
+
+
+def read_export(version_dir: str | os.PathLike[str], exported: ExportedFile) -> bytes:
+    """The bytes of an exported file (e.g. ``model.int8.onnx``), checked against model.json."""
+    return read_checked(Path(version_dir) / exported.file, exported.sha256)
 
 
 def parse_version_dir(version_dir: Path) -> VersionRef:

@@ -20,6 +20,9 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 METADATA_FILE = "model.json"
 ALIASES_FILE = "aliases.json"
+ONNX_FILE = "model.onnx"
+ONNX_INT8_FILE = "model.int8.onnx"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 RESERVED_ALIASES = frozenset({"latest"})
@@ -116,6 +119,83 @@ class Evaluation(BaseModel):
     per_class_f1: dict[str, float]
 
 
+class ClassAgreement(BaseModel):
+    """How one class's test images fare in an exported file against the fp32 PyTorch model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    num_samples: int = Field(ge=0)
+    top1_agreement: float = Field(ge=0.0, le=1.0)
+    max_prob_diff: float = Field(ge=0.0)
+
+
+class AgreementReport(BaseModel):
+    """An exported file's predictions against the fp32 PyTorch model on held-out images.
+
+    ``top1_agreement`` is the share of images whose top-1 class is the same;
+    ``max_prob_diff`` the largest absolute difference of any class probability.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    reference: str = "torch fp32"
+    split: str = "test"
+    num_samples: int = Field(ge=1)
+    top1_agreement: float = Field(ge=0.0, le=1.0)
+    max_prob_diff: float = Field(ge=0.0)
+    per_class: dict[str, ClassAgreement]
+    threshold: float = Field(ge=0.0, le=1.0)
+    forced: bool = False
+
+
+class Quantization(BaseModel):
+    """How an int8 file was quantised, so that the choice can be reproduced and judged."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    method: str  # e.g. "onnxruntime static QDQ, per-channel"
+    activation_type: str
+    weight_type: str
+    calibration_source: str
+    calibration_images: int = Field(ge=1)
+    excluded_nodes: list[str] = Field(default_factory=list)
+
+
+class ExportedFile(BaseModel):
+    """One exported copy of the network inside a version (ONNX fp32 or int8)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    file: Literal["model.onnx", "model.int8.onnx"]
+    format: Literal["onnx"] = "onnx"
+    precision: Literal["fp32", "int8"]
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    opset: int = Field(ge=7)
+    input_name: str
+    output_name: str
+    quantization: Quantization | None = None
+    agreement: AgreementReport | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ExportedFile:
+        expected = ONNX_INT8_FILE if self.precision == "int8" else ONNX_FILE
+        if self.file != expected:
+            raise ValueError(f"a {self.precision} export must be named {expected}, not {self.file}")
+        if self.precision == "int8" and (self.quantization is None or self.agreement is None):
+            raise ValueError("an int8 export needs its quantization and agreement records")
+        return self
+
+
+class DerivedFrom(BaseModel):
+    """The version this one was made from (same weights, e.g. with exported files added)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    version: int = Field(ge=1)
+    weights_sha256: str = Field(pattern=SHA256_PATTERN)
+
+
 class ModelMetadata(BaseModel):
     """The content of ``model.json``: everything needed to rebuild and to serve a version."""
 
@@ -125,13 +205,15 @@ class ModelMetadata(BaseModel):
     architecture: ModelConfig
     class_names: list[str] = Field(min_length=2)
     preprocessing: Preprocessing
-    weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    weights_sha256: str = Field(pattern=SHA256_PATTERN)
     evaluation: Evaluation
     training_config_digest: str
     created_at: datetime
     torch_version: str
     torchvision_version: str
     description: str = ""
+    exports: list[ExportedFile] = Field(default_factory=list)
+    derived_from: DerivedFrom | None = None
 
     @field_validator("format_version")
     @classmethod
@@ -156,6 +238,13 @@ class ModelMetadata(BaseModel):
                 f"input_size {self.preprocessing.input_size} exceeds resize_size "
                 f"{self.preprocessing.resize_size}"
             )
+        files = [e.file for e in self.exports]
+        if len(set(files)) != len(files):
+            raise ValueError(f"exports lists a file twice: {files}")
+
+    def export(self, precision: str) -> ExportedFile | None:
+        """The exported file of ``precision`` (fp32 or int8), or None when not shipped."""
+        return next((e for e in self.exports if e.precision == precision), None)
 
 
 def validate_model_name(name: str) -> str:
