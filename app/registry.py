@@ -25,13 +25,13 @@ from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from app.batcher import BatchStats, DynamicBatcher
 from app.errors import NotFound, Unavailable
 from app.inference import InferenceItem, InferenceModel, TopK, warmup_batch_sizes
+from app.schemas import ScanResult, VersionInfo
 from app.settings import Settings
 from wastenet.artifacts import (
     ArtifactError,
@@ -122,6 +122,9 @@ class ScanReport:
             "failed": self.failed,
             "unloaded": self.unloaded,
         }
+
+    def as_result(self) -> ScanResult:
+        return ScanResult(**self.as_dict())
 
 
 BatchObserver = Callable[[VersionEntry, BatchStats], None]
@@ -507,14 +510,15 @@ def repository_has_models(repo: Path) -> bool:
     return bool(_list_repository(repo)) if repo.is_dir() else False
 
 
-def describe_version(model: ModelEntry, entry: VersionEntry) -> dict[str, Any]:
+def describe_version(model: ModelEntry, entry: VersionEntry) -> VersionInfo:
+    """The state of one version as the API shows it."""
     served = entry.served
-    return {
-        "version": entry.version,
-        "state": entry.state.value,
-        "error": entry.error,
-        "aliases": model.aliases_of(entry.version),
-        "pinned": entry.pinned,
-        "loaded_at": served.loaded_at.isoformat() if served else None,
-        "queue_depth": served.batcher.queue_depth if served else None,
-    }
+    return VersionInfo(
+        version=entry.version,
+        state=entry.state.value,
+        error=entry.error,
+        aliases=model.aliases_of(entry.version),
+        pinned=entry.pinned,
+        loaded_at=served.loaded_at.isoformat() if served else None,
+        queue_depth=served.batcher.queue_depth if served else None,
+    )

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from app.errors import Forbidden, Unauthorized, Unprocessable, error_responses
+from app.errors import Unprocessable, error_responses
 from app.schemas import (
     AliasUpdate,
     Liveness,
@@ -65,17 +64,17 @@ _bearer = HTTPBearer(auto_error=False, description="WASTE_ADMIN_TOKEN")
 
 # -- health ------------------------------------------------------------------------------
 @router.get("/health/live", tags=["health"], response_model=Liveness)
-async def live() -> dict[str, str]:
+async def live() -> Liveness:
     """The process is up. Never depends on models."""
-    return {"status": "alive"}
+    return Liveness()
 
 
 @router.get(
     "/health/ready", tags=["health"], response_model=Readiness, responses=error_responses(503)
 )
-async def ready(service: ServiceDep) -> dict[str, Any]:
+async def ready(service: ServiceDep) -> Readiness:
     """200 when every model's default version is loaded and warmed; 503 with the reasons."""
-    return {"status": "ready", "models": service.readiness()}
+    return service.health.ready()
 
 
 @router.get(
@@ -84,16 +83,16 @@ async def ready(service: ServiceDep) -> dict[str, Any]:
     response_model=Readiness,
     responses=error_responses(404, 503),
 )
-async def ready_model(name: ModelName, service: ServiceDep) -> dict[str, Any]:
+async def ready_model(name: ModelName, service: ServiceDep) -> Readiness:
     """200 when this model's default version is loaded and warmed."""
-    return {"status": "ready", "models": service.readiness(name)}
+    return service.health.ready(name)
 
 
 # -- models ------------------------------------------------------------------------------
 @router.get("/v1/models", tags=["models"], response_model=ModelList, responses=error_responses(503))
-async def list_models(service: ServiceDep) -> dict[str, Any]:
+async def list_models(service: ServiceDep) -> ModelList:
     """Every model: its versions and their states, aliases and default version."""
-    return service.model_list()
+    return service.catalog.models()
 
 
 @router.get(
@@ -102,8 +101,8 @@ async def list_models(service: ServiceDep) -> dict[str, Any]:
     response_model=ModelInfo,
     responses=error_responses(404, 503),
 )
-async def get_model(name: ModelName, service: ServiceDep) -> dict[str, Any]:
-    return service.model_info(name)
+async def get_model(name: ModelName, service: ServiceDep) -> ModelInfo:
+    return service.catalog.model(name)
 
 
 @router.get(
@@ -112,9 +111,9 @@ async def get_model(name: ModelName, service: ServiceDep) -> dict[str, Any]:
     response_model=VersionDetail,
     responses=error_responses(404, 503),
 )
-async def get_version(name: ModelName, version: VersionSpec, service: ServiceDep) -> Any:
+async def get_version(name: ModelName, version: VersionSpec, service: ServiceDep) -> VersionDetail:
     """State and model.json of one version: classes, architecture, preprocessing, evaluation."""
-    return await service.version_detail(name, version)
+    return await service.catalog.version(name, version)
 
 
 # -- predict -----------------------------------------------------------------------------
@@ -127,9 +126,9 @@ async def get_version(name: ModelName, version: VersionSpec, service: ServiceDep
 )
 async def predict_version(
     request: Request, name: ModelName, version: VersionSpec, service: ServiceDep, top_k: TopK = 3
-) -> Response:
+) -> PredictResponse:
     """Classify the uploaded images with a named version (number, 'latest' or alias)."""
-    return JSONResponse(await service.predict(request, name, version, top_k))
+    return await service.predictor.predict(request, name, version, top_k)
 
 
 @router.post(
@@ -141,9 +140,9 @@ async def predict_version(
 )
 async def predict_model(
     request: Request, name: ModelName, service: ServiceDep, top_k: TopK = 3
-) -> Response:
+) -> PredictResponse:
     """Classify with the model's default version (alias 'production', else 'latest')."""
-    return JSONResponse(await service.predict(request, name, None, top_k))
+    return await service.predictor.predict(request, name, None, top_k)
 
 
 @router.post(
@@ -153,9 +152,11 @@ async def predict_model(
     responses=_PREDICT_ERRORS,
     openapi_extra=_MULTIPART_BODY,
 )
-async def predict_default(request: Request, service: ServiceDep, top_k: TopK = 3) -> Response:
+async def predict_default(
+    request: Request, service: ServiceDep, top_k: TopK = 3
+) -> PredictResponse:
     """Classify with the service's default model (WASTE_DEFAULT_MODEL), default version."""
-    return JSONResponse(await service.predict(request, None, None, top_k))
+    return await service.predictor.predict(request, None, None, top_k)
 
 
 # -- metrics -----------------------------------------------------------------------------
@@ -175,16 +176,7 @@ async def require_admin(
     service: ServiceDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Service:
-    token = service.settings.admin_token
-    if token is None:
-        raise Forbidden(
-            "admin endpoints are disabled: set WASTE_ADMIN_TOKEN to enable them",
-            code="admin_disabled",
-        )
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized("admin endpoints need 'Authorization: Bearer <WASTE_ADMIN_TOKEN>'")
-    if not secrets.compare_digest(credentials.credentials.encode(), token.encode()):
-        raise Forbidden("the bearer token is not the admin token", code="invalid_token")
+    service.admin.authorize(credentials)
     return service
 
 
@@ -196,10 +188,9 @@ _ADMIN_ERRORS = error_responses(401, 403, 404, 503)
 async def rescan(
     service: AdminDep,
     retry_failed: Annotated[bool, Query(description="Also retry versions that failed.")] = False,
-) -> dict[str, list[str]]:
+) -> ScanResult:
     """Re-read the model repository: new versions, removed ones, aliases; load per the rule."""
-    report = await service.require_registry().scan(retry_failed=retry_failed)
-    return report.as_dict()
+    return await service.admin.rescan(retry_failed)
 
 
 @router.post(
@@ -208,9 +199,9 @@ async def rescan(
     response_model=VersionInfo,
     responses=error_responses(401, 403, 404, 422, 503),
 )
-async def load_version(name: ModelName, version: VersionNumber, service: AdminDep) -> Any:
+async def load_version(name: ModelName, version: VersionNumber, service: AdminDep) -> VersionInfo:
     """Load (and pin) a version; 422 with the reason when it cannot be loaded."""
-    return await service.admin_load(name, version)
+    return await service.admin.load(name, version)
 
 
 @router.post(
@@ -219,9 +210,9 @@ async def load_version(name: ModelName, version: VersionNumber, service: AdminDe
     response_model=VersionInfo,
     responses=_ADMIN_ERRORS,
 )
-async def unload_version(name: ModelName, version: VersionNumber, service: AdminDep) -> Any:
+async def unload_version(name: ModelName, version: VersionNumber, service: AdminDep) -> VersionInfo:
     """Unload a version; its queued requests are still answered."""
-    return await service.admin_unload(name, version)
+    return await service.admin.unload(name, version)
 
 
 AliasName = Annotated[
@@ -235,10 +226,12 @@ AliasName = Annotated[
     response_model=ModelInfo,
     responses=error_responses(401, 403, 404, 409, 422, 503),
 )
-async def set_alias(name: ModelName, alias: AliasName, body: AliasUpdate, service: AdminDep) -> Any:
+async def set_alias(
+    name: ModelName, alias: AliasName, body: AliasUpdate, service: AdminDep
+) -> ModelInfo:
     """Point an alias at a version (written to aliases.json) and load that version."""
     _check_alias(alias)
-    return await service.admin_set_alias(name, alias, body.version)
+    return await service.admin.set_alias(name, alias, body.version)
 
 
 @router.delete(
@@ -247,9 +240,9 @@ async def set_alias(name: ModelName, alias: AliasName, body: AliasUpdate, servic
     response_model=ModelInfo,
     responses=error_responses(401, 403, 404, 409, 503),
 )
-async def delete_alias(name: ModelName, alias: AliasName, service: AdminDep) -> Any:
+async def delete_alias(name: ModelName, alias: AliasName, service: AdminDep) -> ModelInfo:
     """Remove an alias from aliases.json."""
-    return await service.admin_set_alias(name, alias, None)
+    return await service.admin.set_alias(name, alias, None)
 
 
 def _check_alias(alias: str) -> None:

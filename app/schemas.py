@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field
-
-from app.errors import ErrorBody
 
 
 class ClassScore(BaseModel):
@@ -24,16 +22,24 @@ class ImagePrediction(BaseModel):
     top_k: list[ClassScore] = Field(description="The top_k classes, most likely first.")
 
 
+class FileError(BaseModel):
+    code: str = Field(description="Machine-readable error code, e.g. 'undecodable_image'.")
+    message: str = Field(description="What was wrong with the file, naming it.")
+
+
 class ImageFailure(BaseModel):
     status: Literal["error"] = "error"
     filename: str
-    error: ErrorBody = Field(description="Why this file was not classified.")
+    error: FileError = Field(description="Why this file was not classified.")
+
+
+FileResult = Annotated[ImagePrediction | ImageFailure, Field(discriminator="status")]
 
 
 class PredictResponse(BaseModel):
     model: str = Field(description="The model that answered.")
     version: int = Field(description="The version that answered.")
-    predictions: list[ImagePrediction | ImageFailure] = Field(
+    predictions: list[FileResult] = Field(
         description="One entry per uploaded file, in upload order."
     )
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.main import create_app
+from app.service import Service
 from app.settings import Settings, load_settings
 from wastenet.artifacts import publish_version
 from wastenet.classes import CLASS_NAMES
@@ -132,8 +135,21 @@ def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
 
 def wait_started(client: TestClient, timeout: float = 30.0) -> None:
     """Wait until start-up loading is over, whatever its outcome."""
-    service = client.app.state.service  # type: ignore[attr-defined]
-    wait_until(lambda: service.started or service.startup_error, timeout, "start-up")
+    lifecycle = client.app.state.service.lifecycle  # type: ignore[attr-defined]
+    wait_until(lambda: lifecycle.started or lifecycle.startup_error, timeout, "start-up")
+
+
+@contextmanager
+def inference_blocked(service: Service) -> Iterator[threading.Event]:
+    """Occupy the real inference thread until the block ends (so batches pile up)."""
+    gate = threading.Event()
+    pool = service.lifecycle.inference_pool
+    assert pool is not None
+    pool.submit(gate.wait, 30)
+    try:
+        yield gate
+    finally:
+        gate.set()
 
 
 @pytest.fixture

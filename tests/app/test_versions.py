@@ -1,4 +1,4 @@
-"""Model versions on disk: the loading rule, broken versions, aliases, admin and polling."""
+"""Model versions on disk: the loading rule, broken versions, aliases and polling."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from fastapi.testclient import TestClient
 from tests.app.conftest import (
     MODEL,
     OTHER,
-    TOKEN,
     add_version,
     files,
     image_bytes,
@@ -21,7 +20,6 @@ from tests.app.conftest import (
 from tests.app.test_api import assert_error
 
 JPEG = image_bytes("JPEG")
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
 MakeClient = Callable[..., TestClient]
 
 
@@ -105,110 +103,6 @@ def test_malformed_aliases_are_reported_and_latest_serves(
     body = client.get(f"/v1/models/{MODEL}").json()
     assert "must point to a positive integer" in body["aliases_error"]
     assert body["default_version"] == 2
-
-
-def test_admin_is_disabled_without_a_token(make_client: MakeClient) -> None:
-    client = make_client()
-    assert_error(
-        client.post("/v1/admin/rescan", headers=AUTH), 403, "admin_disabled", "WASTE_ADMIN_TOKEN"
-    )
-
-
-def test_admin_needs_the_right_bearer_token(make_client: MakeClient) -> None:
-    client = make_client(admin_token=TOKEN)
-    missing = client.post("/v1/admin/rescan")
-    assert_error(missing, 401, "unauthorized", "Bearer")
-    assert missing.headers["www-authenticate"] == "Bearer"
-    wrong = {"Authorization": "Bearer not-the-token-at-all"}
-    assert_error(client.post("/v1/admin/rescan", headers=wrong), 403, "invalid_token")
-    assert_error(
-        client.post(f"/v1/admin/models/{MODEL}/versions/1/load", headers=wrong),
-        403,
-        "invalid_token",
-    )
-    assert client.post("/v1/admin/rescan", headers=AUTH).status_code == 200
-
-
-def test_admin_rescan_picks_up_a_new_version_and_unloads_the_superseded_one(
-    repo: Path, make_client: MakeClient
-) -> None:
-    client = make_client(admin_token=TOKEN)
-    add_version(repo, MODEL, repo / MODEL / "1")
-    report = client.post("/v1/admin/rescan", headers=AUTH).json()
-    assert report["added"] == [f"{MODEL} v3"]
-    assert report["loaded"] == [f"{MODEL} v3"]
-    assert report["unloaded"] == [f"{MODEL} v2"]
-    assert states(client) == {1: "available", 2: "available", 3: "ready"}
-    assert predict_version(client).json()["version"] == 3  # type: ignore[attr-defined]
-
-
-def test_admin_load_unload_and_failed_load(repo: Path, make_client: MakeClient) -> None:
-    client = make_client(admin_token=TOKEN)
-    loaded = client.post(f"/v1/admin/models/{MODEL}/versions/1/load", headers=AUTH)
-    assert loaded.status_code == 200 and loaded.json()["state"] == "ready"
-    assert loaded.json()["pinned"] is True
-    assert predict_version(client, "1").json()["version"] == 1  # type: ignore[attr-defined]
-    unloaded = client.post(f"/v1/admin/models/{MODEL}/versions/1/unload", headers=AUTH)
-    assert unloaded.json()["state"] == "available"
-    assert_error(predict_version(client, "1"), 503, "version_not_loaded")
-    assert_error(
-        client.post(f"/v1/admin/models/{MODEL}/versions/9/load", headers=AUTH),
-        404,
-        "unknown_version",
-    )
-    assert_error(
-        client.post("/v1/admin/models/nope/versions/1/load", headers=AUTH), 404, "unknown_model"
-    )
-    assert_error(
-        client.post(f"/v1/admin/models/{MODEL}/versions/x/load", headers=AUTH),
-        422,
-        "invalid_request",
-    )
-    weights = repo / MODEL / "1" / "weights.safetensors"
-    replace_file(weights, weights.read_bytes()[:-10])
-    assert_error(
-        client.post(f"/v1/admin/models/{MODEL}/versions/1/load", headers=AUTH),
-        422,
-        "load_failed",
-        "sha256 mismatch",
-    )
-    assert predict_version(client).status_code == 200  # type: ignore[attr-defined]
-
-
-def test_admin_sets_and_deletes_aliases_in_aliases_json(
-    repo: Path, make_client: MakeClient
-) -> None:
-    client = make_client(admin_token=TOKEN)
-    response = client.put(
-        f"/v1/admin/models/{MODEL}/aliases/production", json={"version": 1}, headers=AUTH
-    )
-    assert response.status_code == 200, response.text
-    assert response.json()["default_version"] == 1
-    assert json.loads((repo / MODEL / "aliases.json").read_text()) == {"production": 1}
-    assert states(client) == {1: "ready", 2: "ready"}
-    assert predict_version(client).json()["version"] == 1  # type: ignore[attr-defined]
-    assert_error(
-        client.put(f"/v1/admin/models/{MODEL}/aliases/latest", json={"version": 1}, headers=AUTH),
-        422,
-        "invalid_alias",
-    )
-    assert_error(
-        client.put(f"/v1/admin/models/{MODEL}/aliases/qa", json={"version": 7}, headers=AUTH),
-        404,
-        "unknown_version",
-    )
-    assert_error(
-        client.put(f"/v1/admin/models/{MODEL}/aliases/qa", json={"version": 0}, headers=AUTH),
-        422,
-        "invalid_request",
-    )
-    deleted = client.delete(f"/v1/admin/models/{MODEL}/aliases/production", headers=AUTH)
-    assert deleted.json()["default_version"] == 2 and deleted.json()["aliases"] == {}
-    assert_error(
-        client.delete(f"/v1/admin/models/{MODEL}/aliases/production", headers=AUTH),
-        404,
-        "unknown_alias",
-    )
 
 
 def test_polling_picks_up_new_versions_and_aliases(repo: Path, make_client: MakeClient) -> None:

@@ -1,4 +1,4 @@
-"""Start-up: liveness at once, readiness only after warm-up, clear start-up failures."""
+"""Start-up checks of the repository and the demo bootstrap: clear failures, built once."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.bootstrap import StartupError
 from app.main import create_app
-from app.service import Service, StartupError
 from tests.app.conftest import (
     MODEL,
     files,
@@ -20,22 +20,8 @@ from tests.app.conftest import (
     publish_random,
     settings_for,
     wait_ready,
-    wait_until,
 )
 from tests.app.test_api import assert_error
-from tests.app.test_overload import inference_blocked
-
-
-def test_liveness_answers_while_models_load_and_readiness_waits(repo: Path) -> None:
-    with TestClient(create_app(settings_for(repo))) as client:
-        service: Service = client.app.state.service  # type: ignore[attr-defined]
-        with inference_blocked(service):  # warm-up runs on the inference thread
-            assert client.get("/health/live").status_code == 200
-            response = client.get("/health/ready")
-            assert_error(response, 503, "not_ready", "loading models")
-            assert response.headers["retry-after"].isdigit()
-            assert_error(client.post("/v1/predict"), 503, "no_ready_version")
-        wait_ready(client)
 
 
 def test_empty_repository_without_training_extras_fails_with_what_to_do(
@@ -63,15 +49,6 @@ def test_missing_repository_without_bootstrap_fails(tmp_path: Path) -> None:
         TestClient(create_app(settings_for(a_file))),
     ):
         pass
-
-
-def test_empty_repository_without_bootstrap_starts_unready(tmp_path: Path) -> None:
-    (tmp_path / "models").mkdir()
-    with TestClient(create_app(settings_for(tmp_path / "models"))) as client:
-        service: Service = client.app.state.service  # type: ignore[attr-defined]
-        wait_until(lambda: service.started, what="start-up")
-        assert_error(client.get("/health/ready"), 503, "not_ready", "not in the model repository")
-        assert client.get("/v1/models").json()["models"] == []
 
 
 def test_empty_repository_is_bootstrapped_once_even_with_two_workers(

@@ -1,34 +1,20 @@
-"""Overload and timeouts: a full queue answers 503 with Retry-After at once."""
+"""Prediction: per-file answers, the whole-request errors, overload and timeouts."""
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 from fastapi.testclient import TestClient
 
 from app.service import Service
-from tests.app.conftest import MODEL, files, image_bytes, wait_until
+from tests.app.conftest import MODEL, files, image_bytes, inference_blocked, wait_until
 from tests.app.test_api import assert_error
 
 JPEG = image_bytes("JPEG")
 MakeClient = Callable[..., TestClient]
-
-
-@contextmanager
-def inference_blocked(service: Service) -> Iterator[threading.Event]:
-    """Occupy the real inference thread until the block ends (so batches pile up)."""
-    gate = threading.Event()
-    pool = service.inference_pool
-    assert pool is not None
-    pool.submit(gate.wait, 30)
-    try:
-        yield gate
-    finally:
-        gate.set()
 
 
 def post_in_thread(client: TestClient, n_files: int, out: list[Any]) -> threading.Thread:
@@ -45,7 +31,7 @@ def test_full_queue_is_a_fast_503_with_retry_after_and_accepted_requests_finish(
         max_batch_size=2, max_batch_delay_ms=0, max_queue_images=2, max_files_per_request=2
     )
     service: Service = client.app.state.service  # type: ignore[attr-defined]
-    registry = service.require_registry()
+    registry = service.lifecycle.require_registry()
     batcher = registry.resolve(MODEL, None)[1].batcher
     first: list[Any] = []
     second: list[Any] = []
