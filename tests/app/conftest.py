@@ -133,6 +133,12 @@ def wait_ready(client: TestClient, timeout: float = 30.0) -> None:
     wait_until(lambda: client.get("/health/ready").status_code == 200, timeout, "readiness")
 
 
+def service_of(client: TestClient) -> Service:
+    service = client.app.state.service  # type: ignore[attr-defined]
+    assert isinstance(service, Service)
+    return service
+
+
 def wait_started(client: TestClient, timeout: float = 30.0) -> None:
     """Wait until start-up loading is over, whatever its outcome."""
     lifecycle = client.app.state.service.lifecycle  # type: ignore[attr-defined]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.app.conftest import MODEL, TOKEN, add_version, replace_file
+from app.schemas import ScanResult
+from tests.app.conftest import MODEL, TOKEN, add_version, replace_file, service_of
 from tests.app.test_api import assert_error
 from tests.app.test_versions import MakeClient, predict_version, states
 
@@ -113,4 +114,22 @@ def test_admin_sets_and_deletes_aliases_in_aliases_json(
         client.delete(f"/v1/admin/models/{MODEL}/aliases/production", headers=AUTH),
         404,
         "unknown_alias",
+    )
+
+
+def test_admin_answers_are_what_the_catalog_then_shows(make_client: MakeClient) -> None:
+    client = make_client(admin_token=TOKEN)
+    service = service_of(client)
+    assert client.portal is not None  # the app's event loop, where the registry lives
+    loaded = client.portal.call(service.admin.load, MODEL, 1)
+    assert loaded.pinned is True and loaded.state == "ready"
+    assert loaded == service.catalog.model(MODEL).versions[0]
+    aliased = client.portal.call(service.admin.set_alias, MODEL, "production", 1)
+    assert aliased == service.catalog.model(MODEL)
+    assert (aliased.default_selector, aliased.default_version) == ("production", 1)
+    unloaded = client.portal.call(service.admin.unload, MODEL, 2)
+    assert (unloaded.version, unloaded.state, unloaded.pinned) == (2, "available", False)
+    assert unloaded == service.catalog.model(MODEL).versions[1]
+    assert client.portal.call(service.admin.rescan, False) == ScanResult(
+        added=[], removed=[], loaded=[f"{MODEL} v2"], failed=[], unloaded=[]
     )

@@ -189,6 +189,16 @@ def test_multi_image_request_gives_per_file_results_and_errors(api: TestClient) 
     ]
     assert [p["status"] for p in predictions] == ["ok", "error", "ok", "error", "ok"]
     assert predictions[1]["error"]["code"] == "unsupported_image_type"
+    assert set(predictions[1]) == {"status", "filename", "error"}
+    assert set(predictions[1]["error"]) == {"code", "message"}  # no "details" per file
+    assert set(predictions[0]) == {
+        "status",
+        "filename",
+        "label",
+        "class_index",
+        "confidence",
+        "top_k",
+    }
     assert predictions[3]["error"]["code"] == "empty_file"
     assert "label" in predictions[4]
 

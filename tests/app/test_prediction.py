@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 
+from app.batcher import BatcherClosed
+from app.images import ImageRejected
+from app.inference import TopK
+from app.prediction import Outcome, file_results, no_usable_image
+from app.schemas import ClassScore, FileError, ImageFailure, ImagePrediction, PredictResponse
 from app.service import Service
+from app.uploads import UploadedFile
 from tests.app.conftest import MODEL, files, image_bytes, inference_blocked, wait_until
 from tests.app.test_api import assert_error
+from wastenet.classes import CLASS_NAMES
 
 JPEG = image_bytes("JPEG")
 MakeClient = Callable[..., TestClient]
@@ -67,3 +76,101 @@ def test_request_timeout_is_a_503_and_the_service_recovers(make_client: MakeClie
     assert "retry-after" in response.headers
     assert 0.3 <= elapsed < 5.0
     assert client.post("/v1/predict", files=files(("b.jpg", JPEG))).status_code == 200
+
+
+# -- one answer per file (no model needed) ------------------------------------------------
+def settled(loop: asyncio.AbstractEventLoop, top: TopK | BaseException) -> asyncio.Future[TopK]:
+    future: asyncio.Future[TopK] = loop.create_future()
+    if isinstance(top, BaseException):
+        future.set_exception(top)
+    else:
+        future.set_result(top)
+    return future
+
+
+def test_file_results_keep_upload_order_and_name_each_class() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        uploads = [UploadedFile(n, b"") for n in ("a.jpg", "notes.txt", "c.png")]
+        rejected = ImageRejected(415, "unsupported_image_type", "file 'notes.txt' is text")
+        outcomes: list[Outcome] = [
+            settled(loop, [(5, 0.75), (0, 0.25)]),
+            rejected,
+            settled(loop, [(11, 0.5)]),
+        ]
+        results = file_results(uploads, outcomes, CLASS_NAMES)
+    finally:
+        loop.close()
+    assert results == [
+        ImagePrediction(
+            filename="a.jpg",
+            label="green_glass",
+            class_index=5,
+            confidence=0.75,
+            top_k=[
+                ClassScore(label="green_glass", class_index=5, confidence=0.75),
+                ClassScore(label="battery", class_index=0, confidence=0.25),
+            ],
+        ),
+        ImageFailure(
+            filename="notes.txt",
+            error=FileError(code="unsupported_image_type", message="file 'notes.txt' is text"),
+        ),
+        ImagePrediction(
+            filename="c.png",
+            label="white_glass",
+            class_index=11,
+            confidence=0.5,
+            top_k=[ClassScore(label="white_glass", class_index=11, confidence=0.5)],
+        ),
+    ]
+    body = PredictResponse(model=MODEL, version=3, predictions=results).model_dump(mode="json")
+    assert body["predictions"][1] == {
+        "status": "error",
+        "filename": "notes.txt",
+        "error": {"code": "unsupported_image_type", "message": "file 'notes.txt' is text"},
+    }
+
+
+def test_file_results_raise_the_failure_of_a_batch() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        outcomes: list[Outcome] = [settled(loop, [(1, 1.0)]), settled(loop, BatcherClosed())]
+        with pytest.raises(BatcherClosed):
+            file_results([UploadedFile("a", b""), UploadedFile("b", b"")], outcomes, CLASS_NAMES)
+    finally:
+        loop.close()
+
+
+def test_no_usable_image_is_the_files_own_error_or_the_common_status() -> None:
+    text = ImageRejected(415, "unsupported_image_type", "a.txt is text")
+    pdf = ImageRejected(415, "unsupported_image_type", "b.pdf is a PDF")
+    empty = ImageRejected(422, "empty_file", "c.jpg has 0 bytes")
+    only = no_usable_image([("a.txt", text)])
+    assert (only.status_code, only.code, only.message, only.details) == (
+        415,
+        "unsupported_image_type",
+        "a.txt is text",
+        None,
+    )
+    same = no_usable_image([("a.txt", text), ("b.pdf", pdf)])
+    assert (same.status_code, same.code) == (415, "no_usable_image")
+    assert same.message == "none of the 2 files could be used: a.txt is text; b.pdf is a PDF"
+    mixed = no_usable_image([("a.txt", text), ("c.jpg", empty)])
+    assert (mixed.status_code, mixed.code) == (422, "no_usable_image")
+    assert mixed.details == {
+        "files": [
+            {
+                "filename": "a.txt",
+                "code": "unsupported_image_type",
+                "message": "a.txt is text",
+                "status": 415,
+            },
+            {
+                "filename": "c.jpg",
+                "code": "empty_file",
+                "message": "c.jpg has 0 bytes",
+                "status": 422,
+            },
+        ]
+    }
