@@ -49,8 +49,5 @@ class Catalog:
                 **info.model_dump(), model=name, metadata=None, metadata_error=str(exc)
             )
         return VersionDetail(
-            **info.model_dump(),
-            model=name,
-            metadata=metadata.model_dump(mode="json"),
-            metadata_error=None,
+            **info.model_dump(), model=name, metadata=metadata, metadata_error=None
         )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
+
+from wastenet.schema import ModelMetadata
 
 
 class ClassScore(BaseModel):
@@ -75,7 +77,7 @@ class ModelList(BaseModel):
 
 class VersionDetail(VersionInfo):
     model: str
-    metadata: dict[str, Any] | None = Field(
+    metadata: ModelMetadata | None = Field(
         description="model.json: class_names, architecture, preprocessing, evaluation, ..."
     )
     metadata_error: str | None = None

@@ -71,5 +71,11 @@ def test_version_detail_is_model_json_beside_the_state(repo: Path, make_client: 
     for spec, version, state in (("1", 1, "available"), ("latest", 2, "ready")):
         detail = client.portal.call(catalog.version, MODEL, spec)
         assert (detail.model, detail.version, detail.state) == (MODEL, version, state)
-        expected = read_metadata(repo / MODEL / str(version)).model_dump(mode="json")
-        assert detail.metadata == expected and detail.metadata_error is None
+        assert detail.metadata == read_metadata(repo / MODEL / str(version))
+        assert detail.metadata_error is None
+        body = client.get(f"/v1/models/{MODEL}/versions/{spec}").json()
+        assert body["metadata"] == detail.metadata.model_dump(mode="json")  # type: ignore[union-attr]
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    metadata_schema = schemas["VersionDetail"]["properties"]["metadata"]["anyOf"][0]
+    assert metadata_schema == {"$ref": "#/components/schemas/ModelMetadata"}
+    assert "class_names" in schemas["ModelMetadata"]["required"]
