@@ -25,8 +25,9 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.augment import train_transform
 from training.config import TrainConfig
-from training.data import ImageDataset, prepare_splits, train_transform
+from training.data import ImageDataset, prepare_splits
 from training.distributed import DistContext, resolve_device
 from training.engine import train_one_epoch
 from training.loaders import auto_num_workers, build_train_loader, set_loader_epoch

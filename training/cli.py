@@ -142,7 +142,7 @@ def _add_field(
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per TrainConfig setting (dest ``name``, ``model.name`` or ``augment.name``)."""
-    from training.data import AugmentConfig
+    from training.augment import AugmentConfig
     from wastenet.nets import ModelConfig
 
     parser.add_argument(

@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from training.data import AugmentConfig
+from training.augment import AugmentConfig
 from wastenet.nets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
 from wastenet.schema import Preprocessing
 

@@ -207,13 +207,8 @@ def _train(
     log: RunLog,
     on_epoch_end: EpochCallback | None,
 ) -> RunResult:
-    from training.data import (
-        DataSplits,
-        ImageDataset,
-        class_weights,
-        sample_weights,
-        train_transform,
-    )
+    from training.augment import train_transform
+    from training.data import DataSplits, ImageDataset, class_weights, sample_weights
     from wastenet.preprocess import eval_transform
 
     device = ctx.device

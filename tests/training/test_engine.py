@@ -12,7 +12,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, TensorDataset
 
 from tests.training.train_helpers import make_data, one_thread
-from training.data import AugmentConfig, ImageDataset, prepare_splits, train_transform
+from training.augment import AugmentConfig, train_transform
+from training.data import ImageDataset, prepare_splits
 from training.distributed import DistContext
 from training.engine import evaluate, train_one_epoch
 from training.loaders import EpochSampler, ShardSampler, build_train_loader, set_loader_epoch
