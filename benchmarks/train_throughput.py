@@ -34,6 +34,7 @@ from training.loaders import auto_num_workers, build_train_loader, set_loader_ep
 from training.synth import generate_synthetic_dataset
 from training.trainer import amp_settings
 from wastenet.nets import ModelConfig, build_model
+from wastenet.schema import Preprocessing
 
 
 def _r(values: list[float]) -> list[float]:
@@ -70,7 +71,9 @@ def main() -> None:
         data = Path(tmp) / "data"
         generate_synthetic_dataset(data, images_per_class=per_class, size=args.image_size, seed=0)
         splits = prepare_splits(data, val_fraction=0.01, test_fraction=0.01, log=lambda _m: None)
-        config = TrainConfig(input_size=args.input_size, resize_size=args.input_size)
+        config = TrainConfig(
+            preprocessing=Preprocessing(input_size=args.input_size, resize_size=args.input_size)
+        )
         dataset = ImageDataset(
             splits.train[:n_images], train_transform(config.preprocessing, config.augment)
         )

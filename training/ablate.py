@@ -116,7 +116,7 @@ def ablate(
             table = format_table(rows)
             budget = (
                 f"{base.total_epochs} epochs, strategy {base.strategy}, seed {base.seed}, "
-                f"input {base.input_size}px, pretrained {base.pretrained}"
+                f"input {base.preprocessing.input_size}px, pretrained {base.pretrained}"
             )
             (out_dir / "ablation.md").write_text(f"# Ablation ({budget})\n\n{table}\n")
             (out_dir / "ablation.json").write_text(

@@ -15,7 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from training.config import ConfigError, TrainConfig, load_config, merge, read_config_file
+from training.config import ConfigError, TrainConfig, load_config, merge, read_config
 
 # Settings that may change when a run is resumed; everything else must stay as it was.
 RESUMABLE = frozenset(
@@ -41,6 +41,14 @@ MODEL_HELP = {
     "cbam_kernel_size": "spatial-gate convolution size (odd)",
     "ibn": "IBN-a normalisation in layers 1-3",
     "head": "classifier head: linear, or bnneck (BatchNorm before a bias-free linear)",
+}
+# Preprocessing fields that are flags, named as in the config; interpolation stays a
+# config-file setting.
+PREPROCESSING_HELP = {
+    "input_size": "network input size in pixels",
+    "resize_size": "evaluation resizes the short side to this, then center-crops input_size",
+    "mean": "normalisation mean (match the pretrained weights)",
+    "std": "normalisation std (match the pretrained weights)",
 }
 SKIP_FIELDS = {"model", "augment", "pretrained", "pretrained_path"}
 ALIASES = {
@@ -140,8 +148,17 @@ def _add_field(
     group.add_argument(*flags, type=convert, metavar=metavar, **kwargs)
 
 
+def _add_preprocessing_flags(group: argparse._ArgumentGroup) -> None:
+    from wastenet.schema import Preprocessing
+
+    for name, help_text in PREPROCESSING_HELP.items():
+        info = Preprocessing.model_fields[name]
+        flags = ["--" + name.replace("_", "-")]
+        _add_field(group, name, info, f"preprocessing.{name}", flags, help_text)
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig setting (dest ``name``, ``model.name`` or ``augment.name``)."""
+    """One flag per TrainConfig setting (dest ``name``, or ``table.name`` for a nested one)."""
     from training.augment import AugmentConfig
     from wastenet.nets import ModelConfig
 
@@ -168,6 +185,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in TrainConfig.model_fields.items():
         section = boundaries.get(name, section)
         if name in SKIP_FIELDS:
+            continue
+        if name == "preprocessing":
+            _add_preprocessing_flags(groups[section])
             continue
         flags = ALIASES.get(name, ["--" + name.replace("_", "-")])
         _add_field(groups[section], name, info, name, flags, info.description or name)
@@ -239,10 +259,11 @@ def _changed_keys(base: dict[str, Any], new: dict[str, Any], prefix: str = "") -
 
 def resume_config(run_dir: Path, args: argparse.Namespace) -> TrainConfig:
     """The run's saved config; only settings that do not change the result may be overridden."""
-    base = read_config_file(run_dir / "config.json")
+    # Resolved, so that a config.json from an older version compares in today's layout.
+    base = load_config(run_dir / "config.json").to_json_dict()
     overrides = overrides_from_args(args)
     if args.config is not None:
-        overrides = merge(read_config_file(args.config), overrides)
+        overrides = merge(read_config(args.config), overrides)
     candidate = load_config(None, merge(base, overrides)).to_json_dict()
     changed = [k for k in _changed_keys(base, candidate) if k not in RESUMABLE]
     if changed:

@@ -1,9 +1,11 @@
 """TrainConfig: the one typed source of training defaults.
 
 A run's settings come from three layers, later ones winning: the defaults below, a config
-file (TOML or JSON, same keys, ``[model]`` and ``[augment]`` as tables), and command-line
-flags. The resolved config is saved as ``config.json`` in the run directory, and that file
-can be passed back as ``--config`` to repeat the run.
+file (TOML or JSON, same keys, ``[model]``, ``[preprocessing]`` and ``[augment]`` as
+tables), and command-line flags. The resolved config is saved as ``config.json`` in the run
+directory, and that file can be passed back as ``--config`` to repeat the run. Older configs
+that give input_size, resize_size, mean and std at the top level still load: those keys
+move into ``preprocessing``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.augment import AugmentConfig
-from wastenet.nets import IMAGENET_MEAN, IMAGENET_STD, ModelConfig
+from wastenet.nets import ModelConfig
 from wastenet.schema import Preprocessing
 
 Strategy = Literal["frozen", "differential", "three_stage"]
@@ -26,8 +28,34 @@ BestMetric = Literal["val_macro_f1", "val_acc", "val_loss"]
 AmpMode = Literal["auto", "bf16", "fp16", "off"]
 
 
+# Top-level keys of configs written before preprocessing became its own table, as in the
+# config.json of older run directories and the config inside their checkpoints.
+FLAT_PREPROCESSING_KEYS = ("input_size", "resize_size", "mean", "std")
+
+
 class ConfigError(ValueError):
     """A config file or flag is invalid; the message names the file, key and value."""
+
+
+def nest_preprocessing(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with the flat keys input_size, resize_size, mean and std moved into
+    ``preprocessing``. A key given both ways is an error (which one was meant is unknown)."""
+    flat = {key: data[key] for key in FLAT_PREPROCESSING_KEYS if key in data}
+    if not flat:
+        return data
+    nested = data.get("preprocessing", {})
+    if isinstance(nested, BaseModel):
+        nested = nested.model_dump()
+    if not isinstance(nested, dict):
+        return data  # validation names the bad preprocessing value
+    both = [key for key in flat if key in nested]
+    if both:
+        raise ValueError(
+            f"{', '.join(both)} given both at the top level and in preprocessing; "
+            "keep the preprocessing table only"
+        )
+    rest = {key: value for key, value in data.items() if key not in flat}
+    return {**rest, "preprocessing": {**nested, **flat}}
 
 
 class TrainConfig(BaseModel):
@@ -55,17 +83,10 @@ class TrainConfig(BaseModel):
         default=True,
         description="open every image once before training and skip unreadable ones",
     )
-    input_size: int = Field(default=224, ge=16, description="network input size in pixels")
-    resize_size: int = Field(
-        default=256,
-        ge=16,
-        description="evaluation resizes the short side to this, then center-crops input_size",
-    )
-    mean: tuple[float, float, float] = Field(
-        default=IMAGENET_MEAN, description="normalisation mean (match the pretrained weights)"
-    )
-    std: tuple[float, float, float] = Field(
-        default=IMAGENET_STD, description="normalisation std (match the pretrained weights)"
+    preprocessing: Preprocessing = Field(
+        default_factory=Preprocessing,
+        description="how an image becomes the network's input (input_size, resize_size, mean, "
+        "std); evaluation and the published model.json use exactly this",
     )
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     batch_size: int = Field(default=32, ge=1, description="images per step and per process")
@@ -212,6 +233,11 @@ class TrainConfig(BaseModel):
     )
     description: str = Field(default="", description="description stored with the version")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _nest_flat_preprocessing(cls, data: Any) -> Any:
+        return nest_preprocessing(data) if isinstance(data, dict) else data
+
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         if self.val_fraction + self.test_fraction >= 0.9:
@@ -219,8 +245,6 @@ class TrainConfig(BaseModel):
                 f"val_fraction + test_fraction = {self.val_fraction + self.test_fraction:.2f} "
                 "leaves too little for training (must be < 0.9)"
             )
-        if self.input_size > self.resize_size:
-            raise ValueError(f"input_size {self.input_size} exceeds resize_size {self.resize_size}")
         if any(e < 0 for e in self.stage_epochs):
             raise ValueError(f"stage_epochs must be >= 0, got {list(self.stage_epochs)}")
         if any(not s > 0 for s in self.stage_lr_scale):
@@ -234,8 +258,6 @@ class TrainConfig(BaseModel):
                     f"{list(self.stage_epochs)} (sum {sum(self.stage_epochs)}); three_stage "
                     "takes its length from stage_epochs"
                 )
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {list(self.std)}")
         if self.publish_name is not None:
             from wastenet.schema import validate_model_name
 
@@ -251,15 +273,6 @@ class TrainConfig(BaseModel):
         if self.strategy == "three_stage":
             return sum(self.stage_epochs)
         return self.epochs if self.epochs is not None else 10
-
-    @property
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(
-            resize_size=self.resize_size,
-            input_size=self.input_size,
-            mean=self.mean,
-            std=self.std,
-        )
 
     @property
     def model_name(self) -> str:
@@ -297,6 +310,16 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return data
 
 
+def read_config(path: Path) -> dict[str, Any]:
+    """A config file as a dict in today's layout (flat preprocessing keys nested)."""
+    try:
+        return nest_preprocessing(read_config_file(path))
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"config file {path}: {exc}") from exc
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     """Recursive dict merge: ``override`` wins; nested tables merge key by key."""
     out = dict(base)
@@ -319,10 +342,14 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
 
 
 def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the file at ``path``, then ``overrides`` (nested dicts for model/augment)."""
-    data: dict[str, Any] = read_config_file(path) if path is not None else {}
-    data = merge(data, overrides or {})
+    """Defaults, then the file at ``path``, then ``overrides`` (nested dicts for tables)."""
     source = f"{path} and flags" if path is not None else "flags"
+    data = read_config(path) if path is not None else {}
+    try:
+        # Each layer is nested on its own, so that a flag still wins over a flat key in a file.
+        data = merge(data, nest_preprocessing(overrides or {}))
+    except ValueError as exc:
+        raise ConfigError(f"invalid training config from {source}: {exc}") from exc
     try:
         return TrainConfig.model_validate(data)
     except ValidationError as exc:

@@ -20,6 +20,7 @@ from training.publish import publish_run
 from training.synth import generate_synthetic_dataset
 from training.trainer import train
 from wastenet.artifacts import VersionRef
+from wastenet.schema import Preprocessing
 
 DEMO_DESCRIPTION = (
     "DEMO model: a small ResNet-18-CBAM trained for about a minute from random weights on "
@@ -35,7 +36,8 @@ def _seconds_per_epoch(config: TrainConfig, train_images: int) -> float:
 
     model = build_model(config.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    x = torch.randn(config.batch_size, 3, config.input_size, config.input_size)
+    size = config.preprocessing.input_size
+    x = torch.randn(config.batch_size, 3, size, size)
     y = torch.randint(0, config.model.num_classes, (config.batch_size,))
     times = []
     for _ in range(3):
@@ -85,8 +87,9 @@ def bootstrap_demo(
             lr_head=2e-3,
             warmup_epochs=0.5,
             label_smoothing=0.0,
-            input_size=input_size,
-            resize_size=round(input_size * 8 / 7),
+            preprocessing=Preprocessing(
+                input_size=input_size, resize_size=round(input_size * 8 / 7)
+            ),
             batch_size=32,
             num_workers=0,
             verify_images=False,

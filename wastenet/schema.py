@@ -106,6 +106,12 @@ class Preprocessing(BaseModel):
             raise ValueError(f"std must be positive, got {std}")
         return std
 
+    @model_validator(mode="after")
+    def _crop_fits(self) -> Preprocessing:
+        if self.input_size > self.resize_size:
+            raise ValueError(f"input_size {self.input_size} exceeds resize_size {self.resize_size}")
+        return self
+
 
 class Evaluation(BaseModel):
     """Evaluation summary of a version on a held-out split."""

@@ -10,9 +10,12 @@ import pytest
 import torch
 import torchvision
 
-from tests.training.train_helpers import one_thread
+from tests.training.train_helpers import make_data, one_thread, tiny_config
+from training.checkpoint import load_checkpoint, save_checkpoint
 from training.cli import build_parser, config_from_args, main
 from training.config import ConfigError, TrainConfig, load_config
+from training.trainer import train
+from wastenet.artifacts import load_version
 
 
 @pytest.fixture(autouse=True)
@@ -34,7 +37,8 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
     if command == "train":
         for flag in ("--data", "--strategy", "--stage-epochs", "--lr-head", "--cbam",
                      "--pretrained", "--no-pretrained", "--resume", "--publish", "torchrun",
-                     "--aug-rotation", "--ema-decay", "--weighted-sampler"):  # fmt: skip
+                     "--aug-rotation", "--ema-decay", "--weighted-sampler", "--input-size",
+                     "--resize-size", "--mean", "--std"):  # fmt: skip
             assert flag in text, flag
 
 
@@ -123,3 +127,52 @@ def test_synth_ablate_and_resume_rules(tmp_path: Path, capsys: pytest.CaptureFix
     assert "cannot change lr_head" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--no-plots", "--device", "cpu"]) == 0
     assert "resuming" in capsys.readouterr().out
+
+
+class _Interrupt(KeyboardInterrupt):
+    pass
+
+
+def _flat_preprocessing(config: dict[str, object]) -> dict[str, object]:
+    """A config in the layout written before preprocessing was a table of its own."""
+    flat = dict(config)
+    pre = flat.pop("preprocessing")
+    assert isinstance(pre, dict)
+    flat.update({key: pre[key] for key in ("input_size", "resize_size", "mean", "std")})
+    return flat
+
+
+@pytest.mark.slow
+def test_a_run_directory_with_flat_preprocessing_keys_evaluates_publishes_and_resumes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_data(tmp_path, images_per_class=6, size=40)
+    run = tmp_path / "run"
+
+    def stop_after_one(record: dict[str, object]) -> None:
+        if record["epoch"] == 1:
+            raise _Interrupt
+
+    config = tiny_config(data, run, strategy="differential", epochs=2)
+    with pytest.raises(_Interrupt):
+        train(config, log=lambda _m: None, on_epoch_end=stop_after_one)
+    config_file = run / "config.json"
+    config_file.write_text(json.dumps(_flat_preprocessing(json.loads(config_file.read_text()))))
+    for name in ("best.pt", "last.pt"):
+        payload = load_checkpoint(run / "checkpoints" / name)
+        payload["config"] = _flat_preprocessing(payload["config"])
+        save_checkpoint(run / "checkpoints" / name, payload)
+
+    assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    assert main(["publish", str(run), "--repo", str(tmp_path / "models"), "--name", "old"]) == 0
+    meta = load_version(tmp_path / "models" / "old" / "1").metadata
+    assert (meta.preprocessing.input_size, meta.preprocessing.resize_size) == (32, 36)
+    assert meta.model_extra is not None
+    assert meta.model_extra["training"]["config"]["preprocessing"]["input_size"] == 32
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run), "--input-size", "24"]) == 2
+    assert "cannot change preprocessing.input_size" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--device", "cpu"]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
+    assert json.loads(config_file.read_text())["preprocessing"]["resize_size"] == 36
