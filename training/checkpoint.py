@@ -1,9 +1,17 @@
 """Training checkpoints: everything needed to resume exactly, or to evaluate and publish.
 
-``last.pt`` (written after every epoch) holds the model, optimizer, scheduler, gradient
-scaler, EMA, epoch, stage, history and RNG states. ``best.pt`` holds the weights of the
-best epoch (the EMA weights when EMA is on) and what is needed to rebuild the network.
-Both are written atomically and load with ``weights_only=True`` (no pickled code).
+Two payloads, each a dataclass with one writer (``save``) and one reader (``load``):
+
+- :class:`LastCheckpoint` (``last.pt``, written after every epoch): the model, optimizer,
+  scheduler, gradient scaler, EMA, epoch, stage, history and RNG states.
+- :class:`BestCheckpoint` (``best.pt``): the weights of the best epoch (the EMA weights when
+  EMA is on).
+
+Both also carry the resolved training config, and, for readers that do not parse it, the
+network config, class names and preprocessing as plain keys. On disk each is a dict with a
+``kind`` key ("best" or "last"); the keys are those of the first format, so checkpoints of
+earlier runs still load. Files are written atomically and load with ``weights_only=True``
+(no pickled code).
 """
 
 from __future__ import annotations
@@ -11,11 +19,18 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
+from pydantic import ValidationError
+
+from training.config import TrainConfig, format_validation_error
+from wastenet.nets import ModelConfig
+from wastenet.schema import Preprocessing
 
 FORMAT = "waste-training-checkpoint"
 FORMAT_VERSION = 1
@@ -93,3 +108,166 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
             f"(this version reads {FORMAT_VERSION})",
         )
     return data
+
+
+StateDict = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class BestEpoch:
+    """The best epoch so far by ``config.best_metric``; epoch 0 means none yet."""
+
+    epoch: int = 0
+    value: float | None = None
+    stage: int = 0
+    val_loss: float | None = None
+    val_acc: float | None = None
+    val_macro_f1: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BestEpoch:
+        # Until an epoch improves, only epoch, value and stage are set.
+        return cls(
+            epoch=int(data["epoch"]),
+            value=data["value"],
+            stage=int(data["stage"]),
+            val_loss=data.get("val_loss"),
+            val_acc=data.get("val_acc"),
+            val_macro_f1=data.get("val_macro_f1"),
+        )
+
+
+# eq=False: the state dicts hold tensors, which do not compare to a single bool.
+@dataclass(frozen=True, eq=False)
+class _Checkpoint:
+    """What both payloads hold: the run's config, its classes, the epoch and weights."""
+
+    KIND: ClassVar[str]
+
+    config: TrainConfig
+    class_names: tuple[str, ...]
+    epoch: int
+    model: StateDict
+    best: BestEpoch
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.config.preprocessing
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.KIND,
+            "config": self.config.to_json_dict(),
+            "model_config": self.model_config.model_dump(mode="json"),
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing.model_dump(mode="json"),
+            "model": self.model,
+            "epoch": self.epoch,
+            "best": self.best.to_dict(),
+        }
+
+    def save(self, path: Path) -> None:
+        save_checkpoint(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: Path, map_location: str | torch.device = "cpu") -> Self:
+        return cls.from_dict(load_checkpoint(path, map_location), path)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], path: Path) -> Self:
+        if data.get("kind") != cls.KIND:
+            raise CheckpointError(
+                path, f"a {data.get('kind')!r} checkpoint where a {cls.KIND!r} one is needed"
+            )
+        try:
+            return cls(**cls._fields(data))
+        except KeyError as exc:
+            raise CheckpointError(path, f"incomplete {cls.KIND} checkpoint: no {exc}") from None
+        except ValidationError as exc:
+            raise CheckpointError(path, format_validation_error(exc, "the checkpoint")) from exc
+
+    @classmethod
+    def _fields(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            "config": TrainConfig.model_validate(data["config"]),
+            "class_names": tuple(data["class_names"]),
+            "epoch": int(data["epoch"]),
+            "model": data["model"],
+            "best": BestEpoch.from_dict(data["best"]),
+        }
+
+    def inference_weights(self) -> StateDict:
+        """The weights that validation saw."""
+        return self.model
+
+
+@dataclass(frozen=True, eq=False)
+class BestCheckpoint(_Checkpoint):
+    """``best.pt``: the weights of the best epoch (EMA weights when EMA is on)."""
+
+    KIND: ClassVar[str] = "best"
+
+
+@dataclass(frozen=True, eq=False)
+class LastCheckpoint(_Checkpoint):
+    """``last.pt``: the state after the last completed epoch, enough to resume exactly."""
+
+    KIND: ClassVar[str] = "last"
+
+    stage: int
+    ema: StateDict | None
+    optimizer: StateDict
+    scheduler: StateDict
+    scaler: StateDict | None
+    history: dict[str, Any]
+    rng: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **super().to_dict(),
+            "stage": self.stage,
+            "ema": self.ema,
+            "optimizer": self.optimizer,
+            "scheduler": self.scheduler,
+            "scaler": self.scaler,
+            "history": self.history,
+            "rng": self.rng,
+        }
+
+    @classmethod
+    def _fields(cls, data: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            **super()._fields(data),
+            "stage": int(data["stage"]),
+            "ema": data["ema"],
+            "optimizer": data["optimizer"],
+            "scheduler": data["scheduler"],
+            "scaler": data["scaler"],
+            "history": data["history"],
+            "rng": data["rng"],
+        }
+
+    def inference_weights(self) -> StateDict:
+        """The EMA weights when EMA is on (what validation saw), else the model's."""
+        if not self.ema:
+            return self.model
+        # AveragedModel's state: the network under "module.", plus its counter.
+        prefix = "module."
+        return {k[len(prefix) :]: v for k, v in self.ema.items() if k.startswith(prefix)}
+
+
+def load_trained(
+    path: Path, map_location: str | torch.device = "cpu"
+) -> BestCheckpoint | LastCheckpoint:
+    """Either checkpoint, by its ``kind``: to predict or evaluate with its weights."""
+    data = load_checkpoint(path, map_location)
+    if data.get("kind") == LastCheckpoint.KIND:
+        return LastCheckpoint.from_dict(data, path)
+    return BestCheckpoint.from_dict(data, path)

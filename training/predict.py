@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import CheckpointError, load_trained
 from wastenet.artifacts import load_version
 from wastenet.nets import ModelConfig, build_model
 from wastenet.preprocess import eval_transform
@@ -60,22 +60,16 @@ def load_predictor(source: Path, device: str | torch.device = "cpu") -> Predicto
             source,
             "neither a model version (no model.json) nor a run directory (no checkpoints/best.pt)",
         )
-    ckpt = load_checkpoint(path)
-    model_config = ModelConfig.model_validate(ckpt["model_config"])
-    model = build_model(model_config)
-    # last.pt with EMA: the averaged weights are what validation saw.
-    weights = ckpt["model"]
-    if ckpt.get("kind") == "last" and ckpt.get("ema"):
-        prefix = "module."
-        weights = {k[len(prefix) :]: v for k, v in ckpt["ema"].items() if k.startswith(prefix)}
-    model.load_state_dict(weights)
+    ckpt = load_trained(path)
+    model = build_model(ckpt.model_config)
+    model.load_state_dict(ckpt.inference_weights())
     model.eval().to(dev)
     return Predictor(
         model,
-        model_config,
-        list(ckpt["class_names"]),
-        Preprocessing.model_validate(ckpt["preprocessing"]),
-        f"checkpoint {path} (epoch {ckpt.get('epoch')})",
+        ckpt.model_config,
+        list(ckpt.class_names),
+        ckpt.preprocessing,
+        f"checkpoint {path} (epoch {ckpt.epoch})",
         dev,
     )
 

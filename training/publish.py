@@ -7,11 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import CheckpointError, load_checkpoint
+from training.checkpoint import BestCheckpoint, CheckpointError
 from training.config import TrainConfig
 from wastenet.artifacts import VersionRef, publish_version
-from wastenet.nets import ModelConfig, build_model
-from wastenet.schema import Preprocessing
+from wastenet.nets import build_model
 
 
 def default_description(config: TrainConfig, metrics: dict[str, Any]) -> str:
@@ -38,7 +37,7 @@ def publish_run(
     from training.reports import evaluation_summary
 
     run = Path(run_dir)
-    best = load_checkpoint(run / "checkpoints" / "best.pt")
+    best = BestCheckpoint.load(run / "checkpoints" / "best.pt")
     metrics_path = run / "metrics.json"
     if not metrics_path.is_file():
         raise CheckpointError(
@@ -47,27 +46,26 @@ def publish_run(
             f"run `python -m training evaluate {run}` first",
         )
     metrics = json.loads(metrics_path.read_text())
-    config = TrainConfig.model_validate(best["config"])
-    model_config = ModelConfig.model_validate(best["model_config"])
-    model = build_model(model_config)
-    model.load_state_dict(best["model"])
+    config = best.config
+    model = build_model(best.model_config)
+    model.load_state_dict(best.model)
     model.eval()
     training_config = config.to_json_dict()
     return publish_version(
         repo,
         name or config.model_name,
         model,
-        model_config,
-        list(best["class_names"]),
+        best.model_config,
+        list(best.class_names),
         evaluation_summary(metrics, "test"),
-        preprocessing=Preprocessing.model_validate(best["preprocessing"]),
+        preprocessing=best.preprocessing,
         training_config=training_config,
         description=description or default_description(config, metrics),
         extra={
             "training": {
                 "run_dir": str(run.resolve()),
-                "best_epoch": best["epoch"],
-                "best": best.get("best"),
+                "best_epoch": best.epoch,
+                "best": best.best.to_dict(),
                 "config": training_config,
             },
             **(extra or {}),

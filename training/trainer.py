@@ -30,7 +30,13 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from training.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from training.checkpoint import (
+    BestCheckpoint,
+    BestEpoch,
+    LastCheckpoint,
+    rng_state,
+    set_rng_state,
+)
 from training.config import ConfigError, TrainConfig, save_config
 from training.distributed import (
     DistContext,
@@ -325,17 +331,18 @@ def _train(
 
     # --- state (fresh or resumed) -------------------------------------------------------
     history: dict[str, Any] = {"epochs": [], "iterations": []}
-    best: dict[str, Any] = {"epoch": 0, "value": None, "stage": 0}
+    best = BestEpoch()
     start_epoch = 0
-    state: dict[str, Any] | None = None
+    state: LastCheckpoint | None = None
     if last_path is not None:
-        state = load_checkpoint(last_path, map_location=device)
-        model.load_state_dict(state["model"])
+        state = LastCheckpoint.load(last_path, map_location=device)
+        model.load_state_dict(state.model)
         if ema is not None:
-            ema.load_state_dict(state["ema"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        history, best, start_epoch = state["history"], state["best"], state["epoch"]
+            assert state.ema is not None
+            ema.load_state_dict(state.ema)
+        if scaler is not None and state.scaler:
+            scaler.load_state_dict(state.scaler)
+        history, best, start_epoch = state.history, state.best, state.epoch
         log(f"resuming from {last_path} after epoch {start_epoch}")
 
     stages = plan_stages(config)
@@ -348,7 +355,7 @@ def _train(
     optimizer: torch.optim.Optimizer | None = None
     scheduler = None
     if state is not None:
-        set_rng_state(state["rng"])
+        set_rng_state(state.rng)
     try:
         for epoch in range(start_epoch, total):
             if stage is None or stage_at(stages, epoch) is not stage:
@@ -359,8 +366,8 @@ def _train(
                 scheduler = build_scheduler(optimizer, stage, config, steps_per_epoch)
                 if state is not None and epoch == start_epoch and epoch > stage.first_epoch:
                     # Resuming inside a stage: continue its optimizer and schedule.
-                    optimizer.load_state_dict(state["optimizer"])
-                    scheduler.load_state_dict(state["scheduler"])
+                    optimizer.load_state_dict(state.optimizer)
+                    scheduler.load_state_dict(state.scheduler)
                 log(
                     f"stage {stage.index} ({stage.name}): epochs {stage.first_epoch + 1}-"
                     f"{stage.end_epoch}, {trainable:,} trainable parameters, LR "
@@ -427,53 +434,40 @@ def _train(
                 {"step": step0 + i + 1, "epoch": epoch + 1, "loss": loss}
                 for i, loss in enumerate(tr["iteration_losses"])
             )
-            improved = _is_better(value, best["value"], config.best_metric)
+            improved = _is_better(value, best.value, config.best_metric)
             if improved:
-                best = {
-                    "epoch": epoch + 1,
-                    "value": value,
-                    "stage": stage.index,
-                    "val_loss": va["loss"],
-                    "val_acc": va["accuracy"],
-                    "val_macro_f1": va["macro_f1"],
-                }
+                best = BestEpoch(
+                    epoch=epoch + 1,
+                    value=value,
+                    stage=stage.index,
+                    val_loss=va["loss"],
+                    val_acc=va["accuracy"],
+                    val_macro_f1=va["macro_f1"],
+                )
             if ctx.is_main:
-                common = {
-                    "config": config.to_json_dict(),
-                    "model_config": config.model.model_dump(mode="json"),
-                    "class_names": class_names,
-                    "preprocessing": pre.model_dump(mode="json"),
-                }
                 ckpt_dir = run_dir / CHECKPOINTS
                 if improved:
-                    weights = eval_model.state_dict()
-                    save_checkpoint(
-                        ckpt_dir / BEST,
-                        {
-                            "kind": "best",
-                            **common,
-                            "model": weights,
-                            "epoch": epoch + 1,
-                            "best": best,
-                        },
-                    )
-                save_checkpoint(
-                    ckpt_dir / LAST,
-                    {
-                        "kind": "last",
-                        **common,
-                        "epoch": epoch + 1,
-                        "stage": stage.index,
-                        "model": model.state_dict(),
-                        "ema": ema.state_dict() if ema is not None else None,
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict() if scaler is not None else None,
-                        "history": history,
-                        "best": best,
-                        "rng": rng_state(),
-                    },
-                )
+                    BestCheckpoint(
+                        config=config,
+                        class_names=tuple(class_names),
+                        epoch=epoch + 1,
+                        model=eval_model.state_dict(),
+                        best=best,
+                    ).save(ckpt_dir / BEST)
+                LastCheckpoint(
+                    config=config,
+                    class_names=tuple(class_names),
+                    epoch=epoch + 1,
+                    model=model.state_dict(),
+                    best=best,
+                    stage=stage.index,
+                    ema=ema.state_dict() if ema is not None else None,
+                    optimizer=optimizer.state_dict(),
+                    scheduler=scheduler.state_dict(),
+                    scaler=scaler.state_dict() if scaler is not None else None,
+                    history=history,
+                    rng=rng_state(),
+                ).save(ckpt_dir / LAST)
                 (run_dir / "history.json").write_text(json.dumps(history) + "\n")
                 log(_epoch_line(record, total, improved))
                 if on_epoch_end is not None:
@@ -497,9 +491,9 @@ def _train(
             f"no epoch produced a finite {config.best_metric} (did the loss diverge? try a "
             "lower learning rate); nothing to evaluate or publish"
         )
-    best_state = load_checkpoint(run_dir / CHECKPOINTS / BEST, map_location=device)
+    best_state = BestCheckpoint.load(run_dir / CHECKPOINTS / BEST, map_location=device)
     test_model = build_model(config.model).to(device)
-    test_model.load_state_dict(best_state["model"])
+    test_model.load_state_dict(best_state.model)
     test_loader = build_eval_loader(
         ImageDataset(splits.test, eval_transform(pre)), eval_bs, ctx, workers, persistent=False
     )
@@ -520,16 +514,16 @@ def _train(
 
         metrics = classification_metrics(te["targets"], te["probs"], class_names)
         metrics["split"] = "test"
-        metrics["best_epoch"] = best["epoch"]
+        metrics["best_epoch"] = best.epoch
         (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
         log(format_metrics_table(metrics))
         if config.plots:
             plots = write_plots(run_dir, history, te["targets"], te["probs"], metrics, splits)
             log(f"wrote {len(plots)} plots to {run_dir / 'plots'}")
         log(
-            f"best epoch {best['epoch']} (stage {best['stage']}): val macro-F1 "
-            f"{best['val_macro_f1']:.3f}, val acc {best['val_acc']:.3f}, val loss "
-            f"{best['val_loss']:.3f}; test accuracy {metrics['accuracy']:.3f}, macro-F1 "
+            f"best epoch {best.epoch} (stage {best.stage}): val macro-F1 "
+            f"{best.val_macro_f1:.3f}, val acc {best.val_acc:.3f}, val loss "
+            f"{best.val_loss:.3f}; test accuracy {metrics['accuracy']:.3f}, macro-F1 "
             f"{metrics['macro_f1']:.3f} ({metrics['num_samples']} images)"
         )
         if config.publish_repo is not None:
@@ -540,10 +534,11 @@ def _train(
             )
             log(f"published {version.name} version {version.version} at {version.path}")
     barrier(ctx)
+    assert best.value is not None  # best.pt exists, so some epoch improved
     return RunResult(
         run_dir=run_dir,
-        best_epoch=int(best["epoch"]),
-        best_value=float(best["value"]),
+        best_epoch=best.epoch,
+        best_value=float(best.value),
         history=history,
         metrics=metrics,
         version=version,

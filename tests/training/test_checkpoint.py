@@ -13,14 +13,20 @@ import torch
 
 from tests.training.train_helpers import make_data, one_thread, tiny_config
 from training.checkpoint import (
+    BestCheckpoint,
+    BestEpoch,
     CheckpointError,
+    LastCheckpoint,
     load_checkpoint,
+    load_trained,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from training.config import ConfigError
+from training.config import ConfigError, TrainConfig
 from training.trainer import train
+from wastenet.classes import CLASS_NAMES
+from wastenet.schema import Preprocessing
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +58,85 @@ def test_load_checkpoint_names_the_problem(tmp_path: Path) -> None:
     torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="not a training checkpoint"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+# The keys of the first checkpoint format; earlier runs' files have exactly these.
+BEST_KEYS = {"format", "format_version", "kind", "config", "model_config", "class_names",
+             "preprocessing", "model", "epoch", "best"}  # fmt: skip
+LAST_KEYS = BEST_KEYS | {"stage", "ema", "optimizer", "scheduler", "scaler", "history", "rng"}
+CONFIG = TrainConfig(preprocessing=Preprocessing(input_size=40, resize_size=48), ema_decay=0.9)
+WEIGHTS = {"fc.weight": torch.arange(6.0).view(2, 3), "fc.bias": torch.tensor([1.0, -1.0])}
+
+
+def _last(best: BestEpoch) -> LastCheckpoint:
+    return LastCheckpoint(
+        config=CONFIG,
+        class_names=CLASS_NAMES,
+        epoch=3,
+        model=WEIGHTS,
+        best=best,
+        stage=2,
+        ema={"module.fc.weight": torch.ones(2, 3), "n_averaged": torch.tensor(7)},
+        optimizer={"state": {}, "param_groups": [{"lr": 0.5}]},
+        scheduler={"last_epoch": 11},
+        scaler=None,
+        history={"epochs": [{"epoch": 1}], "iterations": [{"step": 1, "loss": 2.5}]},
+        rng=rng_state(),
+    )
+
+
+def test_payloads_round_trip_with_the_first_format_keys(tmp_path: Path) -> None:
+    best = BestEpoch(epoch=2, value=0.75, stage=2, val_loss=0.5, val_acc=0.8, val_macro_f1=0.75)
+    BestCheckpoint(CONFIG, CLASS_NAMES, 2, WEIGHTS, best).save(tmp_path / "best.pt")
+    _last(best).save(tmp_path / "last.pt")
+    raw_best = load_checkpoint(tmp_path / "best.pt")
+    raw_last = load_checkpoint(tmp_path / "last.pt")
+    assert set(raw_best) == BEST_KEYS and set(raw_last) == LAST_KEYS
+    assert (raw_best["kind"], raw_last["kind"]) == ("best", "last")
+    assert raw_best["preprocessing"]["input_size"] == 40
+    assert raw_best["model_config"] == CONFIG.model.model_dump(mode="json")
+
+    read = BestCheckpoint.load(tmp_path / "best.pt")
+    assert read.config == CONFIG and read.best == best and read.epoch == 2
+    assert read.preprocessing == Preprocessing(input_size=40, resize_size=48)
+    assert torch.equal(read.model["fc.weight"], WEIGHTS["fc.weight"])
+    last = LastCheckpoint.load(tmp_path / "last.pt")
+    assert (last.epoch, last.stage, last.scheduler, last.scaler) == (3, 2, {"last_epoch": 11}, None)
+    assert last.history["iterations"][0]["loss"] == 2.5
+    # With EMA, predicting from last.pt uses the averaged weights, without the counter.
+    weights = last.inference_weights()
+    assert set(weights) == {"fc.weight"} and torch.equal(weights["fc.weight"], torch.ones(2, 3))
+    assert isinstance(load_trained(tmp_path / "last.pt"), LastCheckpoint)
+    assert isinstance(load_trained(tmp_path / "best.pt"), BestCheckpoint)
+
+
+def test_first_format_checkpoints_with_a_flat_config_still_load(tmp_path: Path) -> None:
+    config = CONFIG.to_json_dict()
+    config.update(config.pop("preprocessing"))
+    del config["interpolation"]  # the flat layout had no interpolation key
+    raw = _last(BestEpoch()).to_dict()
+    raw["config"] = config
+    raw["best"] = {"epoch": 0, "value": None, "stage": 0}  # before any epoch improved
+    save_checkpoint(tmp_path / "last.pt", raw)
+    last = LastCheckpoint.load(tmp_path / "last.pt")
+    assert last.config == CONFIG and last.best == BestEpoch()
+    assert last.preprocessing.resize_size == 48
+
+
+def test_typed_readers_name_a_wrong_or_incomplete_checkpoint(tmp_path: Path) -> None:
+    _last(BestEpoch()).save(tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match=r"last.pt: a 'last' checkpoint where a 'best'"):
+        BestCheckpoint.load(tmp_path / "last.pt")
+    raw = load_checkpoint(tmp_path / "last.pt")
+    del raw["optimizer"]
+    save_checkpoint(tmp_path / "cut.pt", raw)
+    with pytest.raises(CheckpointError, match=r"cut.pt: incomplete last checkpoint: no 'optim"):
+        LastCheckpoint.load(tmp_path / "cut.pt")
+    raw = load_checkpoint(tmp_path / "last.pt")
+    raw["config"]["lr_head"] = -1.0
+    save_checkpoint(tmp_path / "bad.pt", raw)
+    with pytest.raises(CheckpointError, match=r"bad.pt: invalid training config .*lr_head: Input"):
+        LastCheckpoint.load(tmp_path / "bad.pt")
 
 
 class Interrupt(KeyboardInterrupt):
