@@ -72,19 +72,7 @@ def train_one_epoch(
             logits = model(images)
             loss = criterion(logits, targets)
 
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            if grad_clip_norm is not None:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            if grad_clip_norm is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
-            optimizer.step()
+        _optimizer_step(loss, model, optimizer, scaler, grad_clip_norm)
         if scheduler is not None:
             scheduler.step()
         if ema is not None:
@@ -100,14 +88,45 @@ def train_one_epoch(
         if deadline is not None and time.monotonic() > deadline:
             break
     bar.close()
+    return _epoch_summary(step_losses, loss_sum, correct, seen, start, ctx)
 
-    # One sync for the whole epoch.
+
+def _optimizer_step(
+    loss: Tensor,
+    model: nn.Module,
+    optimizer: Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    grad_clip_norm: float | None,
+) -> None:
+    """Backward and step; with a scaler, gradients are unscaled before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        if grad_clip_norm is not None:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    loss.backward()
+    if grad_clip_norm is not None:
+        nn.utils.clip_grad_norm_(model.parameters(), grad_clip_norm)
+    optimizer.step()
+
+
+def _epoch_summary(
+    step_losses: list[Tensor],
+    loss_sum: Tensor,
+    correct: Tensor,
+    seen: int,
+    start: float,
+    ctx: DistContext,
+) -> dict[str, Any]:
+    """Totals over all ranks, with one host-device sync for the whole epoch."""
     iteration_losses = torch.stack(step_losses).float().cpu().tolist() if step_losses else []
-    totals = all_reduce_sum(
-        torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]),
-        ctx,
-    )
-    total_loss, total_correct, total_seen = totals.tolist()
+    local = [loss_sum.float(), correct.float(), torch.tensor(float(seen), device=loss_sum.device)]
+    total_loss, total_correct, total_seen = all_reduce_sum(torch.stack(local), ctx).tolist()
+    # After the sync, so that queued GPU work counts.
     elapsed = time.perf_counter() - start
     return {
         "loss": total_loss / max(total_seen, 1.0),

@@ -1,5 +1,11 @@
 """One training run: data, network, stage plan, epochs, checkpoints, reports, publishing.
 
+A run has three parts: :func:`setup_run` builds what the run is made of (run directory,
+splits, loaders, network, loss, EMA, mixed precision) as a :class:`RunSetup`;
+:func:`run_epochs` is the stage/epoch loop, which changes only a :class:`RunState`
+(history, best epoch; restored from ``last.pt`` on resume); :func:`finish_run` evaluates
+the best checkpoint on the test split, writes the reports and publishes.
+
 Run directory::
 
     config.json          the resolved TrainConfig (pass it back as --config to repeat)
@@ -20,24 +26,29 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
 
+from training.augment import train_transform
 from training.checkpoint import (
     BestCheckpoint,
     BestEpoch,
+    CheckpointError,
     LastCheckpoint,
     rng_state,
     set_rng_state,
 )
 from training.config import ConfigError, TrainConfig, save_config
+from training.data import DataSplits, ImageDataset, class_weights, sample_weights
 from training.distributed import (
     DistContext,
     barrier,
@@ -55,6 +66,8 @@ from training.loaders import (
     set_loader_epoch,
 )
 from training.strategies import (
+    Scheduler,
+    Stage,
     apply_stage,
     build_optimizer,
     build_scheduler,
@@ -65,12 +78,12 @@ from training.strategies import (
 )
 from wastenet.artifacts import VersionRef
 from wastenet.nets import build_model, find_pretrained, load_pretrained
-
-if TYPE_CHECKING:
-    from training.data import DataSplits
+from wastenet.preprocess import eval_transform
 
 Log = Callable[[str], None]
 EpochCallback = Callable[[dict[str, Any]], None]
+# best_metric -> its key in evaluate()'s result
+_METRIC_KEYS = {"val_loss": "loss", "val_acc": "accuracy", "val_macro_f1": "macro_f1"}
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -154,7 +167,7 @@ def _epoch_line(rec: dict[str, Any], total: int, best: bool) -> str:
 
 def load_splits(config: TrainConfig, log: Callable[[str], None]) -> DataSplits:
     """The run's data: a saved split file if given, else a fresh stratified split of data_dir."""
-    from training.data import DataSplits, prepare_splits
+    from training.data import prepare_splits
 
     if config.splits_file is not None:
         return DataSplits.load(config.splits_file)
@@ -185,9 +198,121 @@ def train(
     """
     ctx = init_distributed(config.device)
     try:
-        return _train(config, ctx, resume, RunLog(ctx, log), on_epoch_end)
+        run_log = RunLog(ctx, log)
+        setup = setup_run(config, ctx, resume, run_log)
+        state = initial_state(setup, run_log)
+        run_epochs(setup, state, run_log, on_epoch_end)
+        return finish_run(setup, state, run_log)
     finally:
         cleanup(ctx)
+
+
+# ------------------------------------------------------------------------- run setup
+
+
+@dataclass
+class RunSetup:
+    """What a run is made of, built once before its first epoch, alike on every rank."""
+
+    config: TrainConfig  # out_dir is the run directory
+    ctx: DistContext
+    run_dir: Path
+    resume_from: Path | None  # last.pt of the run being continued
+    splits: DataSplits
+    workers: int
+    eval_batch_size: int
+    train_loader: DataLoader[Any]
+    val_loader: DataLoader[Any]
+    model: nn.Module  # not DDP-wrapped: each stage wraps it anew
+    ema: AveragedModel | None
+    criterion: nn.Module
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    channels_last: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.ctx.device
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.splits.class_names)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The network that validation sees and best.pt keeps: the EMA when there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    @property
+    def progress(self) -> bool:
+        return self.config.progress and self.ctx.is_main
+
+
+def setup_run(config: TrainConfig, ctx: DistContext, resume: Path | None, log: RunLog) -> RunSetup:
+    """Run directory, splits, loaders, network, loss, EMA and AMP; weights still fresh."""
+    device = ctx.device
+    _configure_torch(config, device)
+    # Fail before touching the data when the pretrained weights are not on disk.
+    pretrained_file = (
+        find_pretrained(config.model.arch, config.pretrained_path) if config.pretrained else None
+    )
+    if config.sync_bn and ctx.distributed and device.type != "cuda":
+        raise ConfigError("sync_bn needs CUDA: SyncBatchNorm does not run on CPU (drop --sync-bn)")
+    config, resume_from, splits = _open_run_dir(config, ctx, resume, log)
+    run_dir = config.out_dir
+    assert run_dir is not None  # _open_run_dir sets it
+    workers = (
+        config.num_workers
+        if isinstance(config.num_workers, int)
+        else auto_num_workers(device, ctx.world_size)
+    )
+    eval_batch_size = config.eval_batch_size or 2 * config.batch_size
+    train_loader, val_loader = _build_loaders(config, ctx, splits, workers, eval_batch_size)
+    channels_last = config.channels_last and device.type == "cuda"
+    model, ema = _build_network(config, ctx, pretrained_file, channels_last, log)
+    loss_weights = (
+        class_weights(splits.train, len(splits.class_names)).to(device)
+        if config.weighted_loss
+        else None
+    )
+    criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=config.label_smoothing)
+    amp_dtype, use_scaler = amp_settings(config.amp, device)
+    log(
+        f"model {config.model.arch} cbam={config.model.cbam} ibn={config.model.ibn} "
+        f"head={config.model.head}; strategy {config.strategy}; {config.total_epochs} epochs "
+        f"x {len(train_loader)} steps of {config.batch_size}"
+        + (f" x {ctx.world_size} processes" if ctx.distributed else "")
+        + f"; amp {amp_dtype or 'off'}; {workers} loader workers"
+    )
+    return RunSetup(
+        config=config,
+        ctx=ctx,
+        run_dir=run_dir,
+        resume_from=resume_from,
+        splits=splits,
+        workers=workers,
+        eval_batch_size=eval_batch_size,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        model=model,
+        ema=ema,
+        criterion=criterion,
+        amp_dtype=amp_dtype,
+        scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
+        channels_last=channels_last,
+    )
+
+
+def _configure_torch(config: TrainConfig, device: torch.device) -> None:
+    seed_everything(config.seed)
+    if config.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        # Fixed input sizes: let cuDNN pick the fastest kernels once.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
 
 
 def _prepare_run_dir(config: TrainConfig, resume: Path | None) -> tuple[Path, Path | None]:
@@ -206,34 +331,11 @@ def _prepare_run_dir(config: TrainConfig, resume: Path | None) -> tuple[Path, Pa
     return run_dir, None
 
 
-def _train(
-    config: TrainConfig,
-    ctx: DistContext,
-    resume: Path | None,
-    log: RunLog,
-    on_epoch_end: EpochCallback | None,
-) -> RunResult:
-    from training.augment import train_transform
-    from training.data import DataSplits, ImageDataset, class_weights, sample_weights
-    from wastenet.preprocess import eval_transform
-
-    device = ctx.device
-    seed_everything(config.seed)
-    if config.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        # Fixed input sizes: let cuDNN pick the fastest kernels once.
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # Fail before touching the data when the pretrained weights are not on disk.
-    pretrained_file = (
-        find_pretrained(config.model.arch, config.pretrained_path) if config.pretrained else None
-    )
-    if config.sync_bn and ctx.distributed and device.type != "cuda":
-        raise ConfigError("sync_bn needs CUDA: SyncBatchNorm does not run on CPU (drop --sync-bn)")
-
+def _open_run_dir(
+    config: TrainConfig, ctx: DistContext, resume: Path | None, log: RunLog
+) -> tuple[TrainConfig, Path | None, DataSplits]:
+    """Rank 0 picks the run directory and writes config, splits and class index; all ranks
+    get the config with ``out_dir`` set, the checkpoint to resume from, and the splits."""
     run_dir, last_path = _prepare_run_dir(config, resume) if ctx.is_main else (Path(), None)
     run_dir, last_path = broadcast_object((run_dir, last_path), ctx)
     config = config.model_copy(update={"out_dir": run_dir})
@@ -243,7 +345,7 @@ def _train(
         log.file = run_dir / "train.log"
         log(f"run directory: {run_dir}")
         log(
-            f"device: {device}"
+            f"device: {ctx.device}"
             + (f", {ctx.world_size} processes ({ctx.backend})" if ctx.distributed else "")
         )
         splits = DataSplits.load(splits_path) if last_path is not None else load_splits(config, log)
@@ -255,293 +357,367 @@ def _train(
     barrier(ctx)
     if not ctx.is_main:
         splits = DataSplits.load(splits_path)
-    class_names = list(splits.class_names)
-    num_classes = len(class_names)
-    if num_classes != config.model.num_classes:
+    if len(splits.class_names) != config.model.num_classes:
         raise ConfigError(
-            f"the data has {num_classes} classes but model.num_classes is "
+            f"the data has {len(splits.class_names)} classes but model.num_classes is "
             f"{config.model.num_classes}"
         )
-    counts = splits.counts()
     log(
         "images: "
-        + ", ".join(f"{split} {sum(c)}" for split, c in counts.items())
+        + ", ".join(f"{split} {sum(c)}" for split, c in splits.counts().items())
         + (f"; skipped {splits.skipped}" if splits.skipped else "")
     )
+    return config, last_path, splits
 
-    # --- data -------------------------------------------------------------------------
-    pre = config.preprocessing
-    workers = (
-        config.num_workers
-        if isinstance(config.num_workers, int)
-        else auto_num_workers(device, ctx.world_size)
-    )
-    train_labels_weights = (
-        sample_weights(splits.train, num_classes) if config.weighted_sampler else None
-    )
+
+def _build_loaders(
+    config: TrainConfig, ctx: DistContext, splits: DataSplits, workers: int, eval_batch_size: int
+) -> tuple[DataLoader[Any], DataLoader[Any]]:
+    """(augmented, optionally class-balanced train loader; validation loader)."""
+    pre, num_classes = config.preprocessing, len(splits.class_names)
+    balance = sample_weights(splits.train, num_classes) if config.weighted_sampler else None
     train_loader = build_train_loader(
         ImageDataset(splits.train, train_transform(pre, config.augment)),
         config.batch_size,
         config.seed,
         ctx,
         workers,
-        weights=train_labels_weights,
+        weights=balance,
     )
-    eval_bs = config.eval_batch_size or 2 * config.batch_size
-    val_loader = build_eval_loader(
-        ImageDataset(splits.val, eval_transform(pre)), eval_bs, ctx, workers, persistent=True
-    )
-    steps_per_epoch = len(train_loader)
+    val_set = ImageDataset(splits.val, eval_transform(pre))
+    val_loader = build_eval_loader(val_set, eval_batch_size, ctx, workers, persistent=True)
+    return train_loader, val_loader
 
-    # --- network ----------------------------------------------------------------------
+
+def _build_network(
+    config: TrainConfig,
+    ctx: DistContext,
+    pretrained_file: Path | None,
+    channels_last: bool,
+    log: RunLog,
+) -> tuple[nn.Module, AveragedModel | None]:
+    """(network on the device, its EMA or None); pretrained weights loaded when given."""
     torch.manual_seed(config.seed)
     model: nn.Module = build_model(config.model)
     if pretrained_file is not None:
-        report = load_pretrained(model, config.model, pretrained_file)
-        log(report.summary())
+        log(load_pretrained(model, config.model, pretrained_file).summary())
     elif config.strategy != "differential":
         log(
             f"note: no pretrained weights; strategy {config.strategy} starts with a frozen, "
             "randomly initialised backbone"
         )
-    model.to(device)
-    channels_last = config.channels_last and device.type == "cuda"
+    model.to(ctx.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if config.sync_bn and ctx.distributed:
         model = convert_sync_batchnorm(model, ctx)
-    ema = (
-        AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-        if config.ema_decay is not None
-        else None
-    )
-    loss_weights = (
-        class_weights(splits.train, num_classes).to(device) if config.weighted_loss else None
-    )
-    criterion = nn.CrossEntropyLoss(weight=loss_weights, label_smoothing=config.label_smoothing)
-    amp_dtype, use_scaler = amp_settings(config.amp, device)
-    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-    log(
-        f"model {config.model.arch} cbam={config.model.cbam} ibn={config.model.ibn} "
-        f"head={config.model.head}; strategy {config.strategy}; {config.total_epochs} epochs "
-        f"x {steps_per_epoch} steps of {config.batch_size}"
-        + (f" x {ctx.world_size} processes" if ctx.distributed else "")
-        + f"; amp {amp_dtype or 'off'}; {workers} loader workers"
-    )
+    if config.ema_decay is None:
+        return model, None
+    ema_fn = get_ema_multi_avg_fn(config.ema_decay)
+    return model, AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
 
-    # --- state (fresh or resumed) -------------------------------------------------------
-    history: dict[str, Any] = {"epochs": [], "iterations": []}
-    best = BestEpoch()
-    start_epoch = 0
-    state: LastCheckpoint | None = None
-    if last_path is not None:
-        state = LastCheckpoint.load(last_path, map_location=device)
-        model.load_state_dict(state.model)
-        if ema is not None:
-            assert state.ema is not None
-            ema.load_state_dict(state.ema)
-        if scaler is not None and state.scaler:
-            scaler.load_state_dict(state.scaler)
-        history, best, start_epoch = state.history, state.best, state.epoch
-        log(f"resuming from {last_path} after epoch {start_epoch}")
 
-    stages = plan_stages(config)
+# ------------------------------------------------------------------------- run state
+
+
+@dataclass
+class RunState:
+    """What the epochs change: saved in last.pt after each one, restored on resume."""
+
+    history: dict[str, Any] = field(default_factory=lambda: {"epochs": [], "iterations": []})
+    best: BestEpoch = field(default_factory=BestEpoch)
+    epochs_done: int = 0
+    # The checkpoint resumed from: its RNG, optimizer and scheduler state are restored
+    # once the loop reaches the point where they were saved.
+    resumed: LastCheckpoint | None = None
+    stopped_early: bool = False
+
+    def add_epoch(
+        self, record: dict[str, Any], iteration_losses: list[float], value: float, metric: str
+    ) -> bool:
+        """Append the epoch to the history; True when it is the best so far by ``metric``."""
+        step0 = len(self.history["iterations"])
+        self.history["epochs"].append(record)
+        self.history["iterations"].extend(
+            {"step": step0 + i + 1, "epoch": record["epoch"], "loss": loss}
+            for i, loss in enumerate(iteration_losses)
+        )
+        self.epochs_done = record["epoch"]
+        if not _is_better(value, self.best.value, metric):
+            return False
+        self.best = BestEpoch(
+            epoch=record["epoch"],
+            value=value,
+            stage=record["stage"],
+            val_loss=record["val_loss"],
+            val_acc=record["val_acc"],
+            val_macro_f1=record["val_macro_f1"],
+        )
+        return True
+
+
+def initial_state(setup: RunSetup, log: RunLog) -> RunState:
+    """A fresh state, or the one in ``last.pt`` with the weights, EMA and scaler it saved."""
+    path = setup.resume_from
+    if path is None:
+        return RunState()
+    last = LastCheckpoint.load(path, map_location=setup.device)
+    setup.model.load_state_dict(last.model)
+    if setup.ema is not None:
+        if last.ema is None:
+            raise CheckpointError(path, "holds no EMA weights, but the run keeps an EMA")
+        setup.ema.load_state_dict(last.ema)
+    if setup.scaler is not None and last.scaler:
+        setup.scaler.load_state_dict(last.scaler)
+    log(f"resuming from {path} after epoch {last.epoch}")
+    return RunState(history=last.history, best=last.best, epochs_done=last.epoch, resumed=last)
+
+
+# ------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class StageRun:
+    """One stage in progress: the network as trained (DDP-wrapped when distributed) and
+    an optimizer and scheduler over exactly the stage's trainable parameters."""
+
+    stage: Stage
+    trainable: int
+    net: nn.Module
+    optimizer: Optimizer
+    scheduler: Scheduler
+
+
+def run_epochs(
+    setup: RunSetup, state: RunState, log: RunLog, on_epoch_end: EpochCallback | None
+) -> None:
+    """Train and validate epoch by epoch, keep the best, checkpoint; stop on the time limit."""
+    config = setup.config
     total = config.total_epochs
-    started = time.monotonic()
-    deadline = started + config.time_limit_s if config.time_limit_s is not None else None
-    stopped_early = False
-    stage = None
-    net: nn.Module = model
-    optimizer: torch.optim.Optimizer | None = None
-    scheduler = None
-    if state is not None:
-        set_rng_state(state.rng)
+    stages = plan_stages(config)
+    deadline = None if config.time_limit_s is None else time.monotonic() + config.time_limit_s
+    if state.resumed is not None:
+        set_rng_state(state.resumed.rng)
+    current: StageRun | None = None
     try:
-        for epoch in range(start_epoch, total):
-            if stage is None or stage_at(stages, epoch) is not stage:
-                stage = stage_at(stages, epoch)
-                trainable = apply_stage(model, stage)
-                net = wrap_model(model, ctx)
-                optimizer = build_optimizer(model, stage, config)
-                scheduler = build_scheduler(optimizer, stage, config, steps_per_epoch)
-                if state is not None and epoch == start_epoch and epoch > stage.first_epoch:
-                    # Resuming inside a stage: continue its optimizer and schedule.
-                    optimizer.load_state_dict(state.optimizer)
-                    scheduler.load_state_dict(state.scheduler)
-                log(
-                    f"stage {stage.index} ({stage.name}): epochs {stage.first_epoch + 1}-"
-                    f"{stage.end_epoch}, {trainable:,} trainable parameters, LR "
-                    + ", ".join(f"{k} {v:.1e}" for k, v in stage.lrs.items())
-                )
-            assert optimizer is not None and scheduler is not None
-            set_loader_epoch(train_loader, epoch)
-            tr = train_one_epoch(
-                net,
-                train_loader,
-                criterion,
-                optimizer,
-                device,
-                scheduler=scheduler if is_per_step(scheduler) else None,
-                scaler=scaler,
-                amp_dtype=amp_dtype,
-                ema=ema,
-                grad_clip_norm=config.grad_clip_norm,
-                channels_last=channels_last,
-                freeze_bn_stats=config.freeze_bn_stats,
-                ctx=ctx,
-                progress=config.progress and ctx.is_main,
-                desc=f"epoch {epoch + 1}/{total}",
-                log_every=config.log_every,
-                # Ranks must run the same number of steps, so DDP stops only between epochs.
-                deadline=None if ctx.distributed else deadline,
-            )
-            eval_model = ema.module if ema is not None else model
-            va = evaluate(
-                eval_model,
-                val_loader,
-                device,
-                num_classes,
-                amp_dtype=amp_dtype,
-                channels_last=channels_last,
-                ctx=ctx,
-                progress=config.progress and ctx.is_main,
-                desc="validate",
-            )
-            record = {
-                "epoch": epoch + 1,
-                "stage": stage.index,
-                "trainable_params": trainable,
-                "lr": _group_lrs(optimizer),
-                "train_loss": tr["loss"],
-                "train_acc": tr["accuracy"],
-                "val_loss": va["loss"],
-                "val_acc": va["accuracy"],
-                "val_macro_f1": va["macro_f1"],
-                "steps": tr["steps"],
-                "time_s": tr["time_s"],
-                "train_images_per_s": tr["images_per_s"],
-            }
-            value = {
-                "val_loss": va["loss"],
-                "val_acc": va["accuracy"],
-                "val_macro_f1": va["macro_f1"],
-            }[config.best_metric]
-            if not is_per_step(scheduler):
-                scheduler.step(value)
-            step0 = len(history["iterations"])
-            history["epochs"].append(record)
-            history["iterations"].extend(
-                {"step": step0 + i + 1, "epoch": epoch + 1, "loss": loss}
-                for i, loss in enumerate(tr["iteration_losses"])
-            )
-            improved = _is_better(value, best.value, config.best_metric)
-            if improved:
-                best = BestEpoch(
-                    epoch=epoch + 1,
-                    value=value,
-                    stage=stage.index,
-                    val_loss=va["loss"],
-                    val_acc=va["accuracy"],
-                    val_macro_f1=va["macro_f1"],
-                )
-            if ctx.is_main:
-                ckpt_dir = run_dir / CHECKPOINTS
-                if improved:
-                    BestCheckpoint(
-                        config=config,
-                        class_names=tuple(class_names),
-                        epoch=epoch + 1,
-                        model=eval_model.state_dict(),
-                        best=best,
-                    ).save(ckpt_dir / BEST)
-                LastCheckpoint(
-                    config=config,
-                    class_names=tuple(class_names),
-                    epoch=epoch + 1,
-                    model=model.state_dict(),
-                    best=best,
-                    stage=stage.index,
-                    ema=ema.state_dict() if ema is not None else None,
-                    optimizer=optimizer.state_dict(),
-                    scheduler=scheduler.state_dict(),
-                    scaler=scaler.state_dict() if scaler is not None else None,
-                    history=history,
-                    rng=rng_state(),
-                ).save(ckpt_dir / LAST)
-                (run_dir / "history.json").write_text(json.dumps(history) + "\n")
+        for epoch in range(state.epochs_done, total):
+            if current is None or stage_at(stages, epoch) is not current.stage:
+                current = _start_stage(setup, state, stage_at(stages, epoch), epoch, log)
+            tr = _train_epoch(setup, current, epoch, deadline)
+            va = _validate(setup)
+            value = va[_METRIC_KEYS[config.best_metric]]
+            if not is_per_step(current.scheduler):
+                current.scheduler.step(value)
+            record = _epoch_record(epoch, current, tr, va)
+            improved = state.add_epoch(record, tr["iteration_losses"], value, config.best_metric)
+            if setup.ctx.is_main:
+                _save_checkpoints(setup, state, current, improved)
                 log(_epoch_line(record, total, improved))
                 if on_epoch_end is not None:
                     on_epoch_end(record)
             out_of_time = deadline is not None and time.monotonic() > deadline
-            if broadcast_object(out_of_time, ctx) and epoch + 1 < total:
+            if broadcast_object(out_of_time, setup.ctx) and epoch + 1 < total:
                 log(
                     f"time limit {config.time_limit_s:.0f}s reached in epoch {epoch + 1} "
-                    f"(after {tr['steps']} of {steps_per_epoch} steps); stopping"
+                    f"(after {tr['steps']} of {len(setup.train_loader)} steps); stopping"
                 )
-                stopped_early = True
+                state.stopped_early = True
                 break
     except KeyboardInterrupt:
-        log(f"interrupted; continue with: python -m training train --resume {run_dir}")
+        log(f"interrupted; continue with: python -m training train --resume {setup.run_dir}")
         raise
 
-    # --- test split with the best weights ---------------------------------------------
-    barrier(ctx)  # rank 0 has finished writing best.pt
-    if not (run_dir / CHECKPOINTS / BEST).is_file():
+
+def _start_stage(
+    setup: RunSetup, state: RunState, stage: Stage, epoch: int, log: RunLog
+) -> StageRun:
+    """Freeze and unfreeze for ``stage``; a new optimizer and scheduler over what trains."""
+    trainable = apply_stage(setup.model, stage)
+    net = wrap_model(setup.model, setup.ctx)
+    optimizer = build_optimizer(setup.model, stage, setup.config)
+    scheduler = build_scheduler(optimizer, stage, setup.config, len(setup.train_loader))
+    resumed = state.resumed
+    if resumed is not None and epoch == resumed.epoch and epoch > stage.first_epoch:
+        # Resuming inside a stage: continue its optimizer and schedule.
+        optimizer.load_state_dict(resumed.optimizer)
+        scheduler.load_state_dict(resumed.scheduler)
+    log(
+        f"stage {stage.index} ({stage.name}): epochs {stage.first_epoch + 1}-"
+        f"{stage.end_epoch}, {trainable:,} trainable parameters, LR "
+        + ", ".join(f"{k} {v:.1e}" for k, v in stage.lrs.items())
+    )
+    return StageRun(stage, trainable, net, optimizer, scheduler)
+
+
+def _train_epoch(
+    setup: RunSetup, current: StageRun, epoch: int, deadline: float | None
+) -> dict[str, Any]:
+    config = setup.config
+    set_loader_epoch(setup.train_loader, epoch)
+    return train_one_epoch(
+        current.net,
+        setup.train_loader,
+        setup.criterion,
+        current.optimizer,
+        setup.device,
+        scheduler=current.scheduler if is_per_step(current.scheduler) else None,
+        scaler=setup.scaler,
+        amp_dtype=setup.amp_dtype,
+        ema=setup.ema,
+        grad_clip_norm=config.grad_clip_norm,
+        channels_last=setup.channels_last,
+        freeze_bn_stats=config.freeze_bn_stats,
+        ctx=setup.ctx,
+        progress=setup.progress,
+        desc=f"epoch {epoch + 1}/{config.total_epochs}",
+        log_every=config.log_every,
+        # Ranks must run the same number of steps, so DDP stops only between epochs.
+        deadline=None if setup.ctx.distributed else deadline,
+    )
+
+
+def _validate(setup: RunSetup) -> dict[str, Any]:
+    return evaluate(
+        setup.eval_model,
+        setup.val_loader,
+        setup.device,
+        setup.num_classes,
+        amp_dtype=setup.amp_dtype,
+        channels_last=setup.channels_last,
+        ctx=setup.ctx,
+        progress=setup.progress,
+        desc="validate",
+    )
+
+
+def _epoch_record(
+    epoch: int, current: StageRun, tr: dict[str, Any], va: dict[str, Any]
+) -> dict[str, Any]:
+    """The epoch's entry in history.json."""
+    return {
+        "epoch": epoch + 1,
+        "stage": current.stage.index,
+        "trainable_params": current.trainable,
+        "lr": _group_lrs(current.optimizer),
+        "train_loss": tr["loss"],
+        "train_acc": tr["accuracy"],
+        "val_loss": va["loss"],
+        "val_acc": va["accuracy"],
+        "val_macro_f1": va["macro_f1"],
+        "steps": tr["steps"],
+        "time_s": tr["time_s"],
+        "train_images_per_s": tr["images_per_s"],
+    }
+
+
+def _save_checkpoints(setup: RunSetup, state: RunState, current: StageRun, improved: bool) -> None:
+    """best.pt when the epoch improved, last.pt and history.json always (rank 0 only)."""
+    config, names, epoch = setup.config, setup.splits.class_names, state.epochs_done
+    ckpt_dir = setup.run_dir / CHECKPOINTS
+    if improved:
+        weights = setup.eval_model.state_dict()
+        BestCheckpoint(config, names, epoch, weights, state.best).save(ckpt_dir / BEST)
+    LastCheckpoint(
+        config=config,
+        class_names=names,
+        epoch=epoch,
+        model=setup.model.state_dict(),
+        best=state.best,
+        stage=current.stage.index,
+        ema=setup.ema.state_dict() if setup.ema is not None else None,
+        optimizer=current.optimizer.state_dict(),
+        scheduler=current.scheduler.state_dict(),
+        scaler=setup.scaler.state_dict() if setup.scaler is not None else None,
+        history=state.history,
+        rng=rng_state(),
+    ).save(ckpt_dir / LAST)
+    (setup.run_dir / "history.json").write_text(json.dumps(state.history) + "\n")
+
+
+# ------------------------------------------------------------------------- finishing
+
+
+def finish_run(setup: RunSetup, state: RunState, log: RunLog) -> RunResult:
+    """Test the best checkpoint; rank 0 writes metrics and plots and publishes if asked."""
+    barrier(setup.ctx)  # rank 0 has finished writing best.pt
+    best_path = setup.run_dir / CHECKPOINTS / BEST
+    if not best_path.is_file():
         raise RuntimeError(
-            f"no epoch produced a finite {config.best_metric} (did the loss diverge? try a "
-            "lower learning rate); nothing to evaluate or publish"
+            f"no epoch produced a finite {setup.config.best_metric} (did the loss diverge? try "
+            "a lower learning rate); nothing to evaluate or publish"
         )
-    best_state = BestCheckpoint.load(run_dir / CHECKPOINTS / BEST, map_location=device)
-    test_model = build_model(config.model).to(device)
-    test_model.load_state_dict(best_state.model)
-    test_loader = build_eval_loader(
-        ImageDataset(splits.test, eval_transform(pre)), eval_bs, ctx, workers, persistent=False
-    )
-    te = evaluate(
-        test_model,
-        test_loader,
-        device,
-        num_classes,
-        amp_dtype=amp_dtype,
-        ctx=ctx,
-        progress=config.progress and ctx.is_main,
-        desc="test",
-    )
+    test = _evaluate_best(setup, best_path)
     metrics: dict[str, Any] | None = None
     version = None
-    if ctx.is_main:
-        from training.reports import classification_metrics, format_metrics_table, write_plots
-
-        metrics = classification_metrics(te["targets"], te["probs"], class_names)
-        metrics["split"] = "test"
-        metrics["best_epoch"] = best.epoch
-        (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        log(format_metrics_table(metrics))
-        if config.plots:
-            plots = write_plots(run_dir, history, te["targets"], te["probs"], metrics, splits)
-            log(f"wrote {len(plots)} plots to {run_dir / 'plots'}")
-        log(
-            f"best epoch {best.epoch} (stage {best.stage}): val macro-F1 "
-            f"{best.val_macro_f1:.3f}, val acc {best.val_acc:.3f}, val loss "
-            f"{best.val_loss:.3f}; test accuracy {metrics['accuracy']:.3f}, macro-F1 "
-            f"{metrics['macro_f1']:.3f} ({metrics['num_samples']} images)"
-        )
-        if config.publish_repo is not None:
-            from training.publish import publish_run
-
-            version = publish_run(
-                run_dir, config.publish_repo, config.publish_name, config.description
-            )
-            log(f"published {version.name} version {version.version} at {version.path}")
-    barrier(ctx)
-    assert best.value is not None  # best.pt exists, so some epoch improved
+    if setup.ctx.is_main:
+        metrics = _write_reports(setup, state, test, log)
+        version = _publish(setup.config, setup.run_dir, log)
+    barrier(setup.ctx)
+    assert state.best.value is not None  # best.pt exists, so some epoch improved
     return RunResult(
-        run_dir=run_dir,
-        best_epoch=best.epoch,
-        best_value=float(best.value),
-        history=history,
+        run_dir=setup.run_dir,
+        best_epoch=state.best.epoch,
+        best_value=float(state.best.value),
+        history=state.history,
         metrics=metrics,
         version=version,
-        stopped_early=stopped_early,
-        model=model,
+        stopped_early=state.stopped_early,
+        model=setup.model,
     )
+
+
+def _publish(config: TrainConfig, run_dir: Path, log: RunLog) -> VersionRef | None:
+    if config.publish_repo is None:
+        return None
+    from training.publish import publish_run
+
+    version = publish_run(run_dir, config.publish_repo, config.publish_name, config.description)
+    log(f"published {version.name} version {version.version} at {version.path}")
+    return version
+
+
+def _evaluate_best(setup: RunSetup, best_path: Path) -> dict[str, Any]:
+    """The test split through a fresh network with best.pt's weights (every rank a shard)."""
+    best = BestCheckpoint.load(best_path, map_location=setup.device)
+    model = build_model(setup.config.model).to(setup.device)
+    model.load_state_dict(best.model)
+    dataset = ImageDataset(setup.splits.test, eval_transform(setup.config.preprocessing))
+    loader = build_eval_loader(
+        dataset, setup.eval_batch_size, setup.ctx, setup.workers, persistent=False
+    )
+    return evaluate(
+        model,
+        loader,
+        setup.device,
+        setup.num_classes,
+        amp_dtype=setup.amp_dtype,
+        ctx=setup.ctx,
+        progress=setup.progress,
+        desc="test",
+    )
+
+
+def _write_reports(
+    setup: RunSetup, state: RunState, test: dict[str, Any], log: RunLog
+) -> dict[str, Any]:
+    """metrics.json, the per-class table, the plots and the closing summary line."""
+    from training.reports import classification_metrics, format_metrics_table, write_plots
+
+    run_dir, best = setup.run_dir, state.best
+    metrics = classification_metrics(test["targets"], test["probs"], setup.splits.class_names)
+    metrics["split"] = "test"
+    metrics["best_epoch"] = best.epoch
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    log(format_metrics_table(metrics))
+    if setup.config.plots:
+        plots = write_plots(
+            run_dir, state.history, test["targets"], test["probs"], metrics, setup.splits
+        )
+        log(f"wrote {len(plots)} plots to {run_dir / 'plots'}")
+    log(
+        f"best epoch {best.epoch} (stage {best.stage}): val macro-F1 "
+        f"{best.val_macro_f1:.3f}, val acc {best.val_acc:.3f}, val loss "
+        f"{best.val_loss:.3f}; test accuracy {metrics['accuracy']:.3f}, macro-F1 "
+        f"{metrics['macro_f1']:.3f} ({metrics['num_samples']} images)"
+    )
+    return metrics
