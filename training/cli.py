@@ -355,17 +355,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m training",
-        description="Train, evaluate and publish the waste-image classifier (12 classes). "
-        "Start with `python -m training train --help`.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="typical path: synth (or your dataset) -> train -> evaluate -> publish -> "
-        "the service serves models/<name>/<version>",
-    )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_train(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "train",
         help="train a model on an image folder (writes a run directory)",
@@ -384,6 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "evaluate",
         help="evaluate a run, checkpoint or model version on a data split",
@@ -410,6 +402,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_predict(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "predict",
         help="classify every image in a folder, write CSV or JSON with top-k classes",
@@ -426,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_synth(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "synth",
         help="generate a SYNTHETIC 12-class image set (for tests, CI and demos)",
@@ -440,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace images already in --out")
     p.set_defaults(func=cmd_synth)
 
+
+def _add_ablate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "ablate",
         help="train the same budget with each CBAM placement and compare",
@@ -466,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_ablate)
 
+
+def _add_publish(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "publish",
         help="publish a run's best checkpoint as the next model version",
@@ -483,6 +483,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--description", help="free text stored in model.json")
     p.set_defaults(func=cmd_publish)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training",
+        description="Train, evaluate and publish the waste-image classifier (12 classes). "
+        "Start with `python -m training train --help`.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="typical path: synth (or your dataset) -> train -> evaluate -> publish -> "
+        "the service serves models/<name>/<version>",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_evaluate(sub)
+    _add_predict(sub)
+    _add_synth(sub)
+    _add_ablate(sub)
+    _add_publish(sub)
     return parser
 
 

@@ -372,6 +372,16 @@ def _require_all_classes(found: _Found, folder: Path) -> None:
         )
 
 
+@dataclass
+class _Split:
+    """The three file lists of a dataset folder, and the files skipped while finding them."""
+
+    train: list[Sample]
+    val: list[Sample]
+    test: list[Sample]
+    skipped_files: dict[str, list[str]]
+
+
 def prepare_splits(
     data_dir: Path,
     val_fraction: float = 0.15,
@@ -389,6 +399,42 @@ def prepare_splits(
     without ``train/``, or a class too small to split.
     """
     say = log if log is not None else logger.info
+    _check_fractions(val_fraction, test_fraction)
+    root = Path(os.path.abspath(data_dir))
+    if not root.exists():
+        raise DatasetError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DatasetError(f"data folder {root} is not a folder")
+    dirs = _visible_dirs(root)
+    split_dirs = _split_folders(root, dirs)
+    fractions = (val_fraction, test_fraction)
+    if split_dirs:
+        found = _presplit(root, dirs, split_dirs, fractions, seed, verify_images, say)
+    else:
+        found = _unsplit(root, dirs, fractions, seed, verify_images, say)
+    presplit = bool(split_dirs)
+    for reason, files in sorted(found.skipped_files.items()):
+        examples = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
+        say(f"skipped {len(files)} file(s): {reason} ({examples})")
+    splits = DataSplits(
+        root=str(root),
+        class_names=CLASS_NAMES,
+        train=found.train,
+        val=found.val,
+        test=found.test,
+        skipped={reason: len(files) for reason, files in sorted(found.skipped_files.items())},
+        seed=seed,
+        presplit=presplit,
+        skipped_files={k: sorted(v) for k, v in sorted(found.skipped_files.items())},
+    )
+    say(
+        f"{len(splits.train)} train / {len(splits.val)} val / {len(splits.test)} test images"
+        f" ({'pre-split' if presplit else f'stratified split, seed {seed}'})"
+    )
+    return splits
+
+
+def _check_fractions(val_fraction: float, test_fraction: float) -> None:
     if not (0.0 <= val_fraction < 1.0 and 0.0 <= test_fraction < 1.0):
         raise ValueError(
             f"val_fraction and test_fraction must be in [0, 1), got {val_fraction}, {test_fraction}"
@@ -397,13 +443,10 @@ def prepare_splits(
         raise ValueError(
             f"val_fraction + test_fraction must be below 1, got {val_fraction + test_fraction}"
         )
-    root = Path(os.path.abspath(data_dir))
-    if not root.exists():
-        raise DatasetError(f"data folder {root} does not exist")
-    if not root.is_dir():
-        raise DatasetError(f"data folder {root} is not a folder")
 
-    dirs = _visible_dirs(root)
+
+def _split_folders(root: Path, dirs: list[Path]) -> dict[str, Path]:
+    """split name -> folder, for the folders of ``root`` named like a split."""
     split_dirs: dict[str, Path] = {}
     for d in dirs:
         split = SPLIT_FOLDERS.get(d.name.lower())
@@ -412,78 +455,75 @@ def prepare_splits(
         if split in split_dirs:
             raise DatasetError(f"{split_dirs[split]} and {d} are both the {split!r} split")
         split_dirs[split] = d
-    skipped_files: dict[str, list[str]] = {}
+    return split_dirs
 
-    if split_dirs:
-        others = [d for d in dirs if d.name.lower() not in SPLIT_FOLDERS]
-        if others:
-            split_names = ", ".join(sorted(d.name for d in split_dirs.values()))
-            raise DatasetError(
-                f"{root} mixes split folders ({split_names}) "
-                f"with other folders ({', '.join(d.name for d in others)}); use either one folder "
-                "per class or train/ val/ test/ with class folders inside"
-            )
-        if "train" not in split_dirs:
-            raise DatasetError(
-                f"{root} looks pre-split ({', '.join(d.name for d in split_dirs.values())}) "
-                "but has no train/ folder"
-            )
-        found = {s: _scan_split_folder(d, root, verify_images, say) for s, d in split_dirs.items()}
-        _require_all_classes(found["train"], split_dirs["train"])
-        for s, f in found.items():
-            _merge_skipped(skipped_files, f.skipped)
-            if s != "train":
-                absent = [CLASS_NAMES[i] for i in range(len(CLASS_NAMES)) if not f.per_class.get(i)]
-                if absent:
-                    say(f"warning: {split_dirs[s]} has no images of {', '.join(absent)}")
-        train_found = found["train"].per_class
-        carve_val = val_fraction if "val" not in found else 0.0
-        carve_test = test_fraction if "test" not in found else 0.0
-        if carve_val or carve_test:
-            say(
-                f"{root}: carving {'val ' if carve_val else ''}{'test ' if carve_test else ''}"
-                f"from train/ per class with seed {seed}"
-            )
-        train, val, test = _stratified(
-            train_found, carve_val, carve_test, seed, found["train"].folders
+
+def _presplit(
+    root: Path,
+    dirs: list[Path],
+    split_dirs: dict[str, Path],
+    fractions: tuple[float, float],
+    seed: int,
+    verify: bool,
+    say: Callable[[str], None],
+) -> _Split:
+    """train/ val/ test/ as given; a missing val/ or test/ is carved from train/."""
+    others = [d for d in dirs if d.name.lower() not in SPLIT_FOLDERS]
+    if others:
+        split_names = ", ".join(sorted(d.name for d in split_dirs.values()))
+        raise DatasetError(
+            f"{root} mixes split folders ({split_names}) "
+            f"with other folders ({', '.join(d.name for d in others)}); use either one folder "
+            "per class or train/ val/ test/ with class folders inside"
         )
-        if "val" in found:
-            val = _samples(found["val"].per_class)
-        if "test" in found:
-            test = _samples(found["test"].per_class)
-        presplit = True
-    else:
-        if not dirs:
-            raise DatasetError(
-                f"{root} has no class folders; expected one folder per class "
-                f"({', '.join(CLASS_NAMES)}) or train/ val/ test/ with class folders inside"
-            )
-        f = _scan_split_folder(root, root, verify_images, say)
-        _require_all_classes(f, root)
-        skipped_files = f.skipped
-        train, val, test = _stratified(f.per_class, val_fraction, test_fraction, seed, f.folders)
-        presplit = False
+    if "train" not in split_dirs:
+        raise DatasetError(
+            f"{root} looks pre-split ({', '.join(d.name for d in split_dirs.values())}) "
+            "but has no train/ folder"
+        )
+    found = {s: _scan_split_folder(d, root, verify, say) for s, d in split_dirs.items()}
+    _require_all_classes(found["train"], split_dirs["train"])
+    skipped_files: dict[str, list[str]] = {}
+    for s, f in found.items():
+        _merge_skipped(skipped_files, f.skipped)
+        if s != "train":
+            absent = [CLASS_NAMES[i] for i in range(len(CLASS_NAMES)) if not f.per_class.get(i)]
+            if absent:
+                say(f"warning: {split_dirs[s]} has no images of {', '.join(absent)}")
+    carve_val = fractions[0] if "val" not in found else 0.0
+    carve_test = fractions[1] if "test" not in found else 0.0
+    if carve_val or carve_test:
+        say(
+            f"{root}: carving {'val ' if carve_val else ''}{'test ' if carve_test else ''}"
+            f"from train/ per class with seed {seed}"
+        )
+    train = found["train"]
+    train_list, val, test = _stratified(train.per_class, carve_val, carve_test, seed, train.folders)
+    if "val" in found:
+        val = _samples(found["val"].per_class)
+    if "test" in found:
+        test = _samples(found["test"].per_class)
+    return _Split(train_list, val, test, skipped_files)
 
-    skipped = {reason: len(files) for reason, files in sorted(skipped_files.items())}
-    for reason, files in sorted(skipped_files.items()):
-        examples = ", ".join(files[:3]) + (", ..." if len(files) > 3 else "")
-        say(f"skipped {len(files)} file(s): {reason} ({examples})")
-    splits = DataSplits(
-        root=str(root),
-        class_names=CLASS_NAMES,
-        train=train,
-        val=val,
-        test=test,
-        skipped=skipped,
-        seed=seed,
-        presplit=presplit,
-        skipped_files={k: sorted(v) for k, v in sorted(skipped_files.items())},
-    )
-    say(
-        f"{len(train)} train / {len(val)} val / {len(test)} test images"
-        f" ({'pre-split' if presplit else f'stratified split, seed {seed}'})"
-    )
-    return splits
+
+def _unsplit(
+    root: Path,
+    dirs: list[Path],
+    fractions: tuple[float, float],
+    seed: int,
+    verify: bool,
+    say: Callable[[str], None],
+) -> _Split:
+    """One folder per class, split per class with ``seed``."""
+    if not dirs:
+        raise DatasetError(
+            f"{root} has no class folders; expected one folder per class "
+            f"({', '.join(CLASS_NAMES)}) or train/ val/ test/ with class folders inside"
+        )
+    f = _scan_split_folder(root, root, verify, say)
+    _require_all_classes(f, root)
+    train, val, test = _stratified(f.per_class, fractions[0], fractions[1], seed, f.folders)
+    return _Split(train, val, test, f.skipped)
 
 
 def _samples(per_class: dict[int, list[str]]) -> list[Sample]:
