@@ -64,3 +64,15 @@ def test_the_shared_core_imports_neither_side() -> None:
     for path in (ROOT / "wastenet").rglob("*.py"):
         sides = {m.split(".")[0] for m in _imported_modules(path)} & {"app", "training"}
         assert not sides, f"{path.relative_to(ROOT)} imports {sides}"
+
+
+def test_no_function_is_longer_than_80_lines() -> None:
+    long = []
+    for package in ("app", "training", "wastenet"):
+        for path in (ROOT / package).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                    lines = (node.end_lineno or node.lineno) - node.lineno + 1
+                    if lines > 80:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} {lines}")
+    assert long == []

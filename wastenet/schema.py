@@ -239,11 +239,6 @@ class ModelMetadata(BaseModel):
             )
         if len(set(self.class_names)) != len(self.class_names):
             raise ValueError("class_names has duplicates")
-        if self.preprocessing.input_size > self.preprocessing.resize_size:
-            raise ValueError(
-                f"input_size {self.preprocessing.input_size} exceeds resize_size "
-                f"{self.preprocessing.resize_size}"
-            )
         files = [e.file for e in self.exports]
         if len(set(files)) != len(files):
             raise ValueError(f"exports lists a file twice: {files}")

@@ -28,7 +28,8 @@ from tests.reference_images import (
     reference_normalize,
     reference_resize_crop,
 )
-from training.data import AugmentConfig, ImageDataset, Sample, train_transform
+from training.augment import AugmentConfig, train_transform
+from training.data import ImageDataset, Sample
 from training.predict import Predictor, predict_images
 from wastenet.classes import CLASS_NAMES
 from wastenet.nets import ModelConfig
