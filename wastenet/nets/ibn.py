@@ -20,9 +20,17 @@ class IBN(nn.Module):
         self.batch = nn.BatchNorm2d(planes - self.instance_channels)
 
     def forward(self, x: Tensor) -> Tensor:
+        # Keep the input's memory layout: a channels_last network (faster convolutions on
+        # CUDA) would otherwise convert back and forth at every IBN block.
+        layout = (
+            torch.channels_last
+            if x.is_contiguous(memory_format=torch.channels_last)
+            else torch.contiguous_format
+        )
         first, rest = torch.split(
             x, [self.instance_channels, x.size(1) - self.instance_channels], dim=1
         )
-        first = self.instance(first.contiguous())
-        rest = self.batch(rest.contiguous())
-        return torch.cat([first, rest], dim=1)
+        first = self.instance(first.contiguous(memory_format=layout))
+        rest = self.batch(rest.contiguous(memory_format=layout))
+        out = torch.cat([first, rest], dim=1)
+        return out.contiguous(memory_format=layout)

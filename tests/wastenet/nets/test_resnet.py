@@ -217,3 +217,29 @@ def test_config_rejects_bad_values(kwargs: dict, message: str) -> None:
 def test_config_sorts_stages_and_ignores_them_without_cbam() -> None:
     assert ModelConfig(cbam_stages=(4, 2)).cbam_stages == (2, 4)
     assert ModelConfig(cbam="none", cbam_stages=()).attention_stages == frozenset()
+
+
+def test_ibn_keeps_a_channels_last_input_channels_last() -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="resnet50", ibn=True, cbam="none")).eval()
+    model.to(memory_format=torch.channels_last)
+    layouts: dict[str, bool] = {}
+    handles = [
+        m.register_forward_hook(
+            lambda _m, _a, out, name=name: layouts.__setitem__(
+                name, out.is_contiguous(memory_format=torch.channels_last)
+            )
+        )
+        for name, m in model.named_modules()
+        if isinstance(m, IBN)
+    ]
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        fast = model(x.contiguous(memory_format=torch.channels_last))
+        plain = model(x)
+    for h in handles:
+        h.remove()
+    assert len(layouts) == 13 and all(layouts.values()), layouts
+    assert torch.allclose(fast, plain, atol=1e-5)
+    standard = IBN(8)(torch.randn(2, 8, 5, 5))
+    assert standard.is_contiguous()
