@@ -21,6 +21,10 @@ class BNNeck(nn.Module):
         del self.bottleneck.bias
         self.bottleneck.register_buffer("bias", torch.zeros(in_features))
         self.classifier = nn.Linear(in_features, num_classes, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        self.bottleneck.reset_parameters()
         nn.init.normal_(self.classifier.weight, std=0.001)
 
     def forward(self, features: Tensor) -> Tensor:

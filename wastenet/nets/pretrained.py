@@ -1,4 +1,4 @@
-"""Load ImageNet-pretrained torchvision ResNet weights from disk; never from the network."""
+"""Load ImageNet-pretrained torchvision weights from disk; never from the network."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from wastenet.nets.cbam import CBAM
+from wastenet.nets.cbam import CBAM, NEAR_IDENTITY_START
+from wastenet.nets.common import Classifier
 from wastenet.nets.ibn import IBN
 from wastenet.schema import ModelConfig
 
@@ -25,7 +26,10 @@ class PretrainedReport:
 
     ``new`` are the network's own additions that the file cannot hold (attention, IBN
     instance-norm statistics, the re-initialised head); ``missing`` are backbone tensors
-    the file should have had; ``unexpected`` are file tensors the network has no place for.
+    the file should have had; ``unexpected`` are file tensors the network has no place for;
+    ``unfolded`` are the CBAM modules whose
+    start factor could not be folded into a pretrained layer (see
+    ``Classifier.fold_attention_start``); they start near identity instead.
     """
 
     path: Path
@@ -33,12 +37,19 @@ class PretrainedReport:
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)
+    unfolded: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (
+        text = (
             f"pretrained {self.path}: {self.loaded} tensors loaded, {len(self.new)} new "
             f"(attention/head), {len(self.missing)} missing, {len(self.unexpected)} unexpected"
         )
+        if self.unfolded:
+            text += (
+                f"; {len(self.unfolded)} CBAM modules start near identity (gates "
+                f"{NEAR_IDENTITY_START}): their input is a sum with an identity path"
+            )
+        return text
 
 
 def torchvision_weight_files(arch: str) -> list[tuple[str, str]]:
@@ -98,27 +109,16 @@ def _split_ibn(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
-def _new_parameter_names(model: nn.Module, own: Mapping[str, Tensor]) -> set[str]:
-    """State-dict keys that a plain torchvision ResNet cannot provide."""
+def _new_parameter_names(model: Classifier, own: Mapping[str, Tensor]) -> set[str]:
+    """State-dict keys that a plain torchvision network cannot provide."""
     new: set[str] = set()
-    for name, module in model.named_modules():
-        if isinstance(module, CBAM):
-            new.update(k for k in own if k.startswith(f"{name}."))
-    new.update(k for k in own if k.startswith("fc."))
+    for name, _module in model.cbam_modules():
+        new.update(k for k in own if k.startswith(f"{name}."))
+    new.update(k for k in own if k.startswith(f"{model.head_name}."))
     return new
 
 
-def load_pretrained(
-    model: nn.Module, config: ModelConfig, path: str | os.PathLike[str] | None = None
-) -> PretrainedReport:
-    """Load a torchvision ResNet state dict into ``model``'s backbone.
-
-    Attention modules keep their near-identity start, the head keeps its fresh
-    ``num_classes`` initialisation, and IBN-a layers take their halves of ``bn1``.
-    Raises PretrainedWeightsError when the file is missing, unreadable or built for another
-    architecture (naming the first tensor whose shape disagrees).
-    """
-    file = find_pretrained(config.arch, path)
+def _read_state_dict(file: Path) -> Mapping[str, Tensor]:
     try:
         raw = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -127,8 +127,30 @@ def load_pretrained(
         raw = raw["state_dict"]
     if not isinstance(raw, Mapping) or not all(isinstance(v, Tensor) for v in raw.values()):
         raise PretrainedWeightsError(f"{file} is not a state dict of tensors")
-    state = {k.removeprefix("module."): v for k, v in raw.items() if not k.startswith("fc.")}
-    state = _split_ibn(model, state)
+    return raw
+
+
+def load_pretrained(
+    model: nn.Module,
+    config: ModelConfig,
+    path: str | os.PathLike[str] | None = None,
+) -> PretrainedReport:
+    """Load a torchvision state dict of ``config.arch`` into ``model``'s backbone.
+
+    The head keeps its fresh ``num_classes`` initialisation, IBN-a layers take their halves
+    of ``bn1``, and each fresh CBAM's start factor is folded into the pretrained layer next
+    to it, so that the network computes the pretrained function at step 0 (a CBAM whose
+    factor cannot be folded starts near identity instead). Raises
+    PretrainedWeightsError when the file is missing, unreadable or built for another
+    architecture (naming the first tensor whose shape disagrees).
+    """
+    if not isinstance(model, Classifier):
+        raise TypeError(f"expected a network from build_model, got {type(model).__name__}")
+    file = find_pretrained(config.arch, path)
+    head = f"{model.head_name}."
+    raw = _read_state_dict(file)
+    state = {k.removeprefix("module."): v for k, v in raw.items()}
+    state = _split_ibn(model, {k: v for k, v in state.items() if not k.startswith(head)})
 
     own = model.state_dict()
     new = _new_parameter_names(model, own)
@@ -140,13 +162,20 @@ def load_pretrained(
             )
     result = model.load_state_dict(state, strict=False)
     missing = sorted(k for k in result.missing_keys if k not in new)
-    loaded = len(state) - len(result.unexpected_keys)
+    unexpected = sorted(result.unexpected_keys)
+    loaded = len(state) - len(unexpected)
     if loaded == 0:
         raise PretrainedWeightsError(f"{file} shares no tensor names with {config.arch}")
+    unfolded = model.fold_attention_start()
+    for name in unfolded:
+        cbam = model.get_submodule(name)
+        assert isinstance(cbam, CBAM)
+        cbam.reset_gates(NEAR_IDENTITY_START)
     return PretrainedReport(
         path=file,
         loaded=loaded,
         missing=missing,
-        unexpected=sorted(result.unexpected_keys),
+        unexpected=unexpected,
         new=sorted(new),
+        unfolded=unfolded,
     )

@@ -7,19 +7,24 @@ dicts map by name. Attention is an injected layer: blocks take ``attn_layer`` (a
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from functools import partial
 from typing import Literal
 
 from torch import Tensor, nn
 
 from wastenet.nets.cbam import CBAM
-from wastenet.nets.heads import BNNeck
+from wastenet.nets.common import (
+    AttnLayer,
+    Classifier,
+    NormLayer,
+    attention_layer,
+    fold_into_input,
+    fold_into_successor,
+    make_head,
+    reset_own_modules,
+)
 from wastenet.nets.ibn import IBN
 from wastenet.schema import ModelConfig
 
-AttnLayer = Callable[[int], nn.Module]
-NormLayer = Callable[[int], nn.Module]
 AttnPosition = Literal["branch", "post"]
 
 
@@ -65,6 +70,11 @@ class BasicBlock(nn.Module):
         self.attn, self.post_attn = _attn_slots(attn_layer, attn_position, planes)
         self.downsample = downsample
         self.stride = stride
+
+    @property
+    def last_norm(self) -> nn.Module:
+        """The normalisation that feeds the branch attention."""
+        return self.bn2
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x
@@ -113,6 +123,11 @@ class Bottleneck(nn.Module):
         self.downsample = downsample
         self.stride = stride
 
+    @property
+    def last_norm(self) -> nn.Module:
+        """The normalisation that feeds the branch attention."""
+        return self.bn3
+
     def forward(self, x: Tensor) -> Tensor:
         identity = x
 
@@ -140,7 +155,19 @@ class Bottleneck(nn.Module):
 Block = type[BasicBlock] | type[Bottleneck]
 
 
-class ResNet(nn.Module):
+def _fold_before(reader: nn.Module | None) -> bool:
+    """Fold a CBAM's start factor into the block that reads its output; False when the
+    block's identity path would carry the factor on (no downsample to absorb it)."""
+    if reader is None:
+        return True
+    assert isinstance(reader, BasicBlock | Bottleneck)
+    if reader.downsample is None:
+        return False
+    fold_into_successor([reader.bn1, reader.downsample.get_submodule("1")])
+    return True
+
+
+class ResNet(Classifier):
     """ResNet backbone with optional attention per stage, per block, or after each addition.
 
     ``stage_attn`` puts one ``attn_layer`` after each of the listed layer groups;
@@ -190,11 +217,7 @@ class ResNet(nn.Module):
         self.layer4, self.attn4 = make(4, 512, 2)
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.num_features = 512 * block.expansion
-        self.fc: nn.Module = (
-            BNNeck(self.num_features, num_classes)
-            if head == "bnneck"
-            else nn.Linear(self.num_features, num_classes)
-        )
+        self.fc = make_head(self.num_features, num_classes, head)
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -202,10 +225,7 @@ class ResNet(nn.Module):
             elif isinstance(m, nn.BatchNorm2d | nn.InstanceNorm2d) and m.affine:
                 nn.init.constant_(m.weight, 1)
                 nn.init.constant_(m.bias, 0)
-        # The loop above reset the gates' BatchNorm; restore their near-identity start.
-        for m in self.modules():
-            if isinstance(m, CBAM):
-                m.reset_gates()
+        reset_own_modules(self)  # the loop above also reached into CBAM and BNNeck
 
     def _make_layer(
         self,
@@ -248,6 +268,29 @@ class ResNet(nn.Module):
             )
         return nn.Sequential(*layers)
 
+    def module_parts(self) -> dict[str, str]:
+        parts = {"conv1": "stem", "bn1": "stem", "fc": "head"}
+        return parts | {f"layer{k}": f"layer{k}" for k in (1, 2, 3, 4)}
+
+    def fold_attention_start(self) -> list[str]:
+        unfolded: list[str] = []
+        stages: list[nn.Sequential] = [self.layer1, self.layer2, self.layer3, self.layer4]
+        for k, layer in enumerate(stages):
+            # What reads each block's (or stage's) output: the next block, or the first
+            # block of the next stage, or (after layer4) the fresh head, which has no
+            # pretrained function to keep.
+            readers = [*list(layer)[1:], stages[k + 1][0] if k < 3 else None]
+            for i, (block, reader) in enumerate(zip(layer, readers, strict=True)):
+                assert isinstance(block, BasicBlock | Bottleneck)
+                if isinstance(block.attn, CBAM):
+                    fold_into_input(block.last_norm)
+                if isinstance(block.post_attn, CBAM) and not _fold_before(reader):
+                    unfolded.append(f"layer{k + 1}.{i}.post_attn")
+            stage_attn = getattr(self, f"attn{k + 1}")
+            if isinstance(stage_attn, CBAM) and not _fold_before(readers[-1]):
+                unfolded.append(f"attn{k + 1}")
+        return unfolded
+
     def forward_features(self, x: Tensor) -> Tensor:
         """Pooled features before the head, shape (N, num_features)."""
         x = self.conv1(x)
@@ -274,7 +317,7 @@ class ResNet(nn.Module):
         return logits
 
 
-_ARCHS: dict[str, tuple[Block, list[int]]] = {
+RESNET_LAYERS: dict[str, tuple[Block, list[int]]] = {
     "resnet18": (BasicBlock, [2, 2, 2, 2]),
     "resnet34": (BasicBlock, [3, 4, 6, 3]),
     "resnet50": (Bottleneck, [3, 4, 6, 3]),
@@ -284,26 +327,15 @@ _ARCHS: dict[str, tuple[Block, list[int]]] = {
 IBN_STAGES = frozenset({1, 2, 3})
 
 
-def list_architectures() -> list[str]:
-    """Backbone names accepted by ``ModelConfig.arch``."""
-    return list(_ARCHS)
-
-
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
-def build_model(config: ModelConfig) -> ResNet:
-    """Build a randomly initialised network for ``config`` (see ``load_pretrained``)."""
-    block, layers = _ARCHS[config.arch]
+def resnet(config: ModelConfig) -> ResNet:
+    """A randomly initialised ResNet for ``config`` (see ``load_pretrained``)."""
+    block, layers = RESNET_LAYERS[config.arch]
     stages = config.attention_stages
     return ResNet(
         block,
         layers,
         num_classes=config.num_classes,
-        attn_layer=partial(
-            CBAM, reduction=config.cbam_reduction, kernel_size=config.cbam_kernel_size
-        ),
+        attn_layer=attention_layer(config),
         stage_attn=stages if config.cbam == "stage" else frozenset(),
         block_attn=stages if config.cbam in ("block", "block_post") else frozenset(),
         attn_position="post" if config.cbam == "block_post" else "branch",

@@ -6,12 +6,13 @@ import torchvision
 from torch import nn
 
 from wastenet.nets import (
-    CBAM,
+    GATE_START,
     ModelConfig,
     PretrainedWeightsError,
     build_model,
     find_pretrained,
     load_pretrained,
+    record_gates,
 )
 
 
@@ -29,7 +30,7 @@ def tv_file(tv_resnet18: nn.Module, tmp_path_factory: pytest.TempPathFactory) ->
 
 
 def test_backbone_tensors_load_by_name(tv_resnet18: nn.Module, tv_file: Path) -> None:
-    config = ModelConfig(cbam="block")
+    config = ModelConfig(cbam="none")
     model = build_model(config)
     report = load_pretrained(model, config, tv_file)
 
@@ -38,37 +39,73 @@ def test_backbone_tensors_load_by_name(tv_resnet18: nn.Module, tv_file: Path) ->
         if not key.startswith("fc."):
             assert torch.equal(ours[key], tensor), key
     assert ours["fc.weight"].shape == (12, 512)
-    assert report.missing == [] and report.unexpected == []
+    assert report.missing == [] and report.unexpected == [] and report.unfolded == []
     assert report.loaded == len(tv_resnet18.state_dict()) - 2  # all but fc.weight, fc.bias
-    assert "fc.weight" in report.new
-    assert "layer3.1.attn.channel_gate.mlp.0.weight" in report.new
+    assert report.new == ["fc.bias", "fc.weight"]
 
 
-def test_cbam_start_keeps_the_pretrained_function(tv_resnet18: nn.Module, tv_file: Path) -> None:
-    """With near-identity gates the pretrained features survive CBAM's insertion;
-    with the usual ~0.5 x 0.5 gates they do not (see training/nets/cbam.py)."""
-    x = torch.randn(4, 3, 96, 96, generator=torch.Generator().manual_seed(1))
+def _features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        plain = torch.flatten(nn.Sequential(*list(tv_resnet18.children())[:-1])(x), 1)
+        if isinstance(model, torchvision.models.ResNet):
+            return nn.Sequential(*list(model.children())[:-1])(x).flatten(1)
+        return model.eval().forward_features(x)
 
-    def similarity(model: nn.Module) -> float:
-        with torch.no_grad():
-            feats = model.eval().forward_features(x)
-        return float(nn.functional.cosine_similarity(feats, plain).min())
 
+@pytest.mark.parametrize(("placement", "last_factor"), [("block", 1.0), ("stage", 0.25)])
+def test_fresh_cbam_keeps_the_pretrained_function_exactly(
+    tv_resnet18: nn.Module, tv_file: Path, placement: str, last_factor: float
+) -> None:
+    """The fresh gates' constant 0.25 is folded into the pretrained layers next to them,
+    so the backbone computes the pretrained features at step 0 (times 0.25 where layer4's
+    own output passes a CBAM: only the new head reads it). Without the fold it does not."""
+    x = torch.randn(4, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    expected = _features(tv_resnet18, x) * last_factor
+    config = ModelConfig(cbam=placement)
+    model = build_model(config)
+    report = load_pretrained(model, config, tv_file)
+    assert report.unfolded == []
+    # Exact up to BatchNorm's eps, which does not scale with the running variance.
+    assert torch.allclose(_features(model, x), expected, rtol=1e-3, atol=1e-5)
+
+    plain = build_model(config)  # the same tensors loaded without the fold
+    state = {k: v for k, v in torch.load(tv_file).items() if not k.startswith("fc.")}
+    plain.load_state_dict(state, strict=False)
+    assert not torch.allclose(_features(plain, x), expected, rtol=0.1)
+
+
+def test_cbam_gates_start_at_the_steep_half(tv_file: Path) -> None:
     config = ModelConfig(cbam="block")
     model = build_model(config)
     load_pretrained(model, config, tv_file)
-    ours = similarity(model)
-    for m in model.modules():
-        if isinstance(m, CBAM):  # the textbook start: sigmoid(0) = 0.5 in both gates
-            nn.init.zeros_(m.channel_gate.mlp[2].weight)
-            nn.init.zeros_(m.channel_gate.mlp[2].bias)
-            nn.init.zeros_(m.spatial_gate.bn.weight)
-            nn.init.zeros_(m.spatial_gate.bn.bias)
-    textbook = similarity(model)
-    assert ours > 0.95
-    assert ours > textbook + 0.02
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad(), record_gates(model.eval()) as gates:
+        model(x)
+    for maps in [*gates.channel.values(), *gates.spatial.values()]:
+        assert torch.equal(maps[0], torch.full_like(maps[0], GATE_START))
+    assert GATE_START == 0.5  # sigmoid slope 0.25, the largest it has
+
+
+def test_block_post_starts_near_identity_where_it_cannot_fold(
+    tv_resnet18: nn.Module, tv_file: Path
+) -> None:
+    config = ModelConfig(cbam="block_post")
+    model = build_model(config)
+    report = load_pretrained(model, config, tv_file)
+    # Each stage's first block is read by a block without downsample; the second by the
+    # next stage's first block (which has one) or, after layer4, by the fresh head.
+    assert report.unfolded == [f"layer{k}.0.post_attn" for k in (1, 2, 3, 4)]
+    assert "4 CBAM modules start near identity (gates 0.95)" in report.summary()
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), record_gates(model.eval()) as gates:
+        model(x)
+    for name, maps in gates.channel.items():
+        start = 0.95 if name in report.unfolded else 0.5
+        assert torch.allclose(maps[0], torch.full_like(maps[0], start)), name
+        assert torch.allclose(gates.spatial[name][0], torch.full_like(gates.spatial[name][0], start))
+    similarity = nn.functional.cosine_similarity(
+        _features(model, x), _features(tv_resnet18, x)
+    )
+    assert similarity.min() > 0.95
 
 
 def test_ibn_takes_its_halves_of_bn1(tv_resnet18: nn.Module, tv_file: Path) -> None:

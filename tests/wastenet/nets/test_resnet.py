@@ -5,8 +5,8 @@ from torch import nn
 
 from wastenet.nets import (
     CBAM,
-    GATE_INIT,
     IBN,
+    START_SCALE,
     BasicBlock,
     BNNeck,
     Bottleneck,
@@ -149,13 +149,14 @@ def test_spatial_gate_is_conv_bn_over_max_and_mean_maps() -> None:
     assert torch.allclose(gate(x), expected, atol=1e-6)
 
 
-def test_fresh_cbam_starts_near_identity() -> None:
+def test_fresh_cbam_scales_every_input_by_its_start_factor() -> None:
     model = build_model(ModelConfig(cbam="block")).eval()
     cbam = model.layer2[0].attn
     x = torch.randn(2, 128, 8, 8)
     with torch.no_grad():
         ratio = cbam(x) / x
-    assert torch.allclose(ratio, torch.full_like(ratio, GATE_INIT**2), atol=1e-4)
+    assert START_SCALE == 0.25
+    assert torch.allclose(ratio, torch.full_like(ratio, START_SCALE), atol=1e-6)
 
 
 def test_ibn_a_on_layers_1_to_3_only() -> None:
