@@ -119,6 +119,12 @@ class TrainConfig(BaseModel):
         default=None,
         description="torchvision ResNet state dict to start from (default: torchvision's cache)",
     )
+    allow_partial_pretrained: bool = Field(
+        default=False,
+        description="accept a pretrained file that lacks some of the network's backbone "
+        "tensors or holds tensors it has no place for (they are listed in the log); by "
+        "default such a file stops the run with the names of those tensors",
+    )
 
     # --- strategy and optimisation -----------------------------------------------------------
     strategy: Strategy = Field(

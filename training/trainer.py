@@ -400,7 +400,10 @@ def _build_network(
     torch.manual_seed(config.seed)
     model: nn.Module = build_model(config.model)
     if pretrained_file is not None:
-        log(load_pretrained(model, config.model, pretrained_file).summary())
+        report = load_pretrained(
+            model, config.model, pretrained_file, allow_partial=config.allow_partial_pretrained
+        )
+        log(report.summary())
     elif config.strategy != "differential":
         log(
             f"note: no pretrained weights; strategy {config.strategy} starts with a frozen, "

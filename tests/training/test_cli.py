@@ -176,3 +176,26 @@ def test_a_run_directory_with_flat_preprocessing_keys_evaluates_publishes_and_re
     assert "resuming from" in capsys.readouterr().out
     assert load_checkpoint(run / "checkpoints" / "last.pt")["epoch"] == 2
     assert json.loads(config_file.read_text())["preprocessing"]["resize_size"] == 36
+
+
+def test_a_partial_pretrained_file_stops_training_unless_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_data(tmp_path, 4, 32)
+    state = torchvision.models.resnet18().state_dict()
+    state["layer1.0.bn1.IN.weight"] = state.pop("layer1.0.bn1.weight")  # IBN-Net's naming
+    weights = tmp_path / "partial.pth"
+    torch.save(state, weights)
+    argv = ["train", "--data", str(data), "--pretrained", str(weights), "--epochs", "1",
+            "--strategy", "differential", "--input-size", "32", "--resize-size", "36",
+            "--batch-size", "16", "--num-workers", "0", "--no-progress", "--no-verify-images",
+            "--no-plots", "--device", "cpu"]  # fmt: skip
+    assert main([*argv, "--out-dir", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "1 network tensors are missing from it (layer1.0.bn1.weight)" in err
+    assert "no place in the network (layer1.0.bn1.IN.weight)" in err
+
+    run = tmp_path / "allowed"
+    assert main([*argv, "--out-dir", str(run), "--allow-partial-pretrained"]) == 0
+    log = (run / "train.log").read_text()
+    assert "partial load allowed; missing: layer1.0.bn1.weight; unexpected: " in log

@@ -26,8 +26,8 @@ class PretrainedReport:
 
     ``new`` are the network's own additions that the file cannot hold (attention, IBN
     instance-norm statistics, the re-initialised head); ``missing`` are backbone tensors
-    the file should have had; ``unexpected`` are file tensors the network has no place for;
-    ``unfolded`` are the CBAM modules whose
+    the file should have had; ``unexpected`` are file tensors the network has no place for
+    (both empty unless a partial load was allowed); ``unfolded`` are the CBAM modules whose
     start factor could not be folded into a pretrained layer (see
     ``Classifier.fold_attention_start``); they start near identity instead.
     """
@@ -44,12 +44,21 @@ class PretrainedReport:
             f"pretrained {self.path}: {self.loaded} tensors loaded, {len(self.new)} new "
             f"(attention/head), {len(self.missing)} missing, {len(self.unexpected)} unexpected"
         )
+        if self.missing or self.unexpected:
+            text += f" (partial load allowed; missing: {_names(self.missing)}; "
+            text += f"unexpected: {_names(self.unexpected)})"
         if self.unfolded:
             text += (
                 f"; {len(self.unfolded)} CBAM modules start near identity (gates "
                 f"{NEAR_IDENTITY_START}): their input is a sum with an identity path"
             )
         return text
+
+
+def _names(keys: list[str], limit: int = 20) -> str:
+    shown = ", ".join(keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return (shown + more) or "none"
 
 
 def torchvision_weight_files(arch: str) -> list[tuple[str, str]]:
@@ -134,6 +143,7 @@ def load_pretrained(
     model: nn.Module,
     config: ModelConfig,
     path: str | os.PathLike[str] | None = None,
+    allow_partial: bool = False,
 ) -> PretrainedReport:
     """Load a torchvision state dict of ``config.arch`` into ``model``'s backbone.
 
@@ -142,7 +152,9 @@ def load_pretrained(
     to it, so that the network computes the pretrained function at step 0 (a CBAM whose
     factor cannot be folded starts near identity instead). Raises
     PretrainedWeightsError when the file is missing, unreadable or built for another
-    architecture (naming the first tensor whose shape disagrees).
+    architecture (naming the first tensor whose shape disagrees), and, unless
+    ``allow_partial``, when backbone tensors are missing from the file or the file holds
+    tensors the network has no place for (naming them).
     """
     if not isinstance(model, Classifier):
         raise TypeError(f"expected a network from build_model, got {type(model).__name__}")
@@ -161,11 +173,22 @@ def load_pretrained(
                 f"the network expects {tuple(own[key].shape)}"
             )
     result = model.load_state_dict(state, strict=False)
-    missing = sorted(k for k in result.missing_keys if k not in new)
+    # BatchNorm's step counters only matter with momentum=None; older files lack them.
+    missing = sorted(
+        k for k in result.missing_keys if k not in new and not k.endswith("num_batches_tracked")
+    )
     unexpected = sorted(result.unexpected_keys)
     loaded = len(state) - len(unexpected)
     if loaded == 0:
         raise PretrainedWeightsError(f"{file} shares no tensor names with {config.arch}")
+    if (missing or unexpected) and not allow_partial:
+        raise PretrainedWeightsError(
+            f"{file} does not fully fit {config.arch}: {len(missing)} network tensors are "
+            f"missing from it ({_names(missing)}) and {len(unexpected)} of its tensors have "
+            f"no place in the network ({_names(unexpected)}). Use the torchvision file for "
+            f"{config.arch}, or allow a partial load (--allow-partial-pretrained) to train "
+            "the missing tensors from random initialisation"
+        )
     unfolded = model.fold_attention_start()
     for name in unfolded:
         cbam = model.get_submodule(name)

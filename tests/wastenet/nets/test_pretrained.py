@@ -108,6 +108,43 @@ def test_block_post_starts_near_identity_where_it_cannot_fold(
     assert similarity.min() > 0.95
 
 
+def _partial_file(tv_resnet18: nn.Module, path: Path) -> Path:
+    """Like an IBN-Net checkpoint: some tensors renamed, one dropped, counters absent."""
+    state = dict(tv_resnet18.state_dict())
+    state["layer1.0.bn1.IN.weight"] = state.pop("layer1.0.bn1.weight")
+    del state["layer4.1.conv2.weight"]
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    torch.save(state, path)
+    return path
+
+
+def test_partial_pretrained_load_is_an_error_naming_the_keys(
+    tv_resnet18: nn.Module, tmp_path: Path
+) -> None:
+    path = _partial_file(tv_resnet18, tmp_path / "partial.pth")
+    config = ModelConfig(cbam="none")
+    model = build_model(config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PretrainedWeightsError) as err:
+        load_pretrained(model, config, path)
+    message = str(err.value)
+    assert "2 network tensors are missing from it (layer1.0.bn1.weight, " in message
+    assert "layer4.1.conv2.weight)" in message
+    assert "1 of its tensors have no place in the network (layer1.0.bn1.IN.weight)" in message
+    assert "num_batches_tracked" not in message  # counters, not weights
+    assert "--allow-partial-pretrained" in message
+
+    report = load_pretrained(model, config, path, allow_partial=True)
+    assert report.missing == ["layer1.0.bn1.weight", "layer4.1.conv2.weight"]
+    assert report.unexpected == ["layer1.0.bn1.IN.weight"]
+    assert "partial load allowed; missing: layer1.0.bn1.weight" in report.summary()
+    after = model.state_dict()
+    assert torch.equal(after["layer4.1.conv2.weight"], before["layer4.1.conv2.weight"])
+    assert torch.equal(
+        after["layer4.0.conv2.weight"], tv_resnet18.state_dict()["layer4.0.conv2.weight"]
+    )
+
+
 def test_ibn_takes_its_halves_of_bn1(tv_resnet18: nn.Module, tv_file: Path) -> None:
     config = ModelConfig(ibn=True)
     model = build_model(config)
