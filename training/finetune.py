@@ -7,13 +7,13 @@ from typing import Any, Literal
 
 from torch import nn
 
-from wastenet.nets import CBAM
+from wastenet.nets import CBAM, Classifier
 
 PARTS: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4", "attention", "head")
 BACKBONE_PARTS: tuple[str, ...] = ("stem", "layer1", "layer2", "layer3", "layer4")
 GroupName = Literal["backbone", "attention", "head"]
 GROUPS: tuple[GroupName, ...] = ("backbone", "attention", "head")
-_TOP_LEVEL_PART = {"conv1": "stem", "bn1": "stem", "fc": "head"}
+_TOP_LEVEL_PART = {"conv1": "stem", "bn1": "stem", "fc": "head"}  # any other ResNet-like
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -22,24 +22,33 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def _part_of(name: str, prefixes: dict[str, str]) -> str:
+    """The part of the longest module-name prefix of parameter ``name``."""
+    head, _, rest = name.partition(".")
+    part = prefixes.get(head, head)
+    while rest:
+        step, _, rest = rest.partition(".")
+        head = f"{head}.{step}"
+        part = prefixes.get(head, part)
+    return part
+
+
 def named_parts(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """Every parameter of ``model`` by part (see PARTS), frozen ones included.
 
     Attention is its own part wherever it sits (after a stage or inside a block), so a
-    CBAM inside ``layer3`` belongs to ``attention``, not to ``layer3``.
+    CBAM inside ``layer3`` belongs to ``attention``, not to ``layer3``. The network says
+    which of its modules form the other parts (``Classifier.module_parts``).
     """
     model = _unwrap(model)
     attention_ids: set[int] = set()
     for module in model.modules():
         if isinstance(module, CBAM):
             attention_ids.update(id(p) for p in module.parameters())
+    prefixes = model.module_parts() if isinstance(model, Classifier) else _TOP_LEVEL_PART
     parts: dict[str, list[tuple[str, nn.Parameter]]] = {part: [] for part in PARTS}
     for name, param in model.named_parameters():
-        if id(param) in attention_ids:
-            part = "attention"
-        else:
-            top = name.split(".", 1)[0]
-            part = _TOP_LEVEL_PART.get(top, top)
+        part = "attention" if id(param) in attention_ids else _part_of(name, prefixes)
         if part not in parts:
             raise ValueError(f"parameter {name!r} belongs to no known part ({', '.join(PARTS)})")
         parts[part].append((name, param))

@@ -30,20 +30,45 @@ RESERVED_ALIASES = frozenset({"latest"})
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
-Arch = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+Arch = Literal[
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "vgg16_bn",
+    "mobilenet_v2",
+    "alexnet",
+]
 CBAMPlacement = Literal["none", "stage", "block", "block_post"]
 Head = Literal["linear", "bnneck"]
+# Networks without residual blocks have nowhere to put ``block``/``block_post`` attention.
+PLAIN_ARCHS = frozenset({"vgg16_bn", "alexnet"})
+RESNET_ARCHS = frozenset({"resnet18", "resnet34", "resnet50", "resnet101", "resnet152"})
+
+
+def cbam_placements(arch: str) -> tuple[str, ...]:
+    """The CBAM placements that ``arch`` has a place for."""
+    if arch in PLAIN_ARCHS:
+        return ("none", "stage")
+    return ("none", "stage", "block", "block_post")
 
 
 class ModelConfig(BaseModel):
     """Everything needed to rebuild a network; saved in every artifact's ``model.json``.
 
+    - ``arch``: a ResNet, or one of the tutorials' baselines under torchvision's names
+      (``vgg16_bn``, ``mobilenet_v2``, ``alexnet``).
     - ``cbam``: where CBAM goes. ``none``; ``stage``: one CBAM after each selected layer
       group; ``block``: inside every residual block of the selected stages, on the residual
       branch before the addition (the paper's layout); ``block_post``: after the addition,
-      CBAM(F(x) + x).
-    - ``cbam_stages``: which of layer1..layer4 get attention (ignored for ``none``).
-    - ``ibn``: IBN-a, instance norm on the first half of ``bn1`` in every block of layers 1-3.
+      CBAM(F(x) + x). VGG and AlexNet have no residual blocks: ``none`` or ``stage`` only.
+    - ``cbam_stages``: which of layer1..layer4 get attention (ignored for ``none``). For
+      the baselines the groups are: vgg16_bn, convolutional stages 2-5 (the first, 64-channel
+      stage is the stem); alexnet, conv2..conv5 (conv1 is the stem); mobilenet_v2, the
+      inverted-residual blocks at output stride 4, 8, 16 and 32.
+    - ``ibn``: IBN-a, instance norm on the first half of ``bn1`` in every block of layers 1-3
+      (ResNets only).
     - ``head``: ``linear`` or ``bnneck`` (BatchNorm1d with a frozen bias, then a bias-free
       linear classifier).
     """
@@ -80,6 +105,15 @@ class ModelConfig(BaseModel):
     def _check_placement(self) -> ModelConfig:
         if self.cbam != "none" and not self.cbam_stages:
             raise ValueError(f"cbam={self.cbam!r} needs at least one stage in cbam_stages")
+        if self.cbam not in cbam_placements(self.arch):
+            raise ValueError(
+                f"cbam={self.cbam!r} puts CBAM inside residual blocks, and {self.arch} has "
+                "none; use cbam='stage' (CBAM after each convolutional stage) or cbam='none'"
+            )
+        if self.ibn and self.arch not in RESNET_ARCHS:
+            raise ValueError(
+                f"ibn=True replaces bn1 of ResNet blocks (IBN-a); {self.arch} has no ResNet blocks"
+            )
         return self
 
     @property

@@ -92,3 +92,50 @@ def test_param_groups_route_parts_to_their_lr() -> None:
 def test_param_groups_reject_bad_lrs(lrs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         param_groups(build_model(ModelConfig()), lrs)
+
+
+# Parameter names of each part in the tutorials' baselines (torchvision's names).
+BASELINE_PARTS = {
+    "vgg16_bn": {
+        "stem": ["features.0.weight", "features.4.bias"],
+        "layer1": ["features.7.weight", "features.11.weight"],
+        "layer4": ["features.40.weight", "classifier.0.weight", "classifier.3.bias"],
+        "attention": ["features.12.attn.channel_gate.mlp.0.weight",
+                      "features.42.attn.spatial_gate.bn.weight"],
+        "head": ["classifier.6.weight", "classifier.6.bias"],
+    },
+    "alexnet": {
+        "stem": ["features.0.weight"],
+        "layer1": ["features.3.weight"],
+        "layer3": ["features.8.bias"],
+        "layer4": ["features.10.weight", "classifier.1.weight", "classifier.4.bias"],
+        "attention": ["features.4.attn.spatial_gate.conv.weight"],
+        "head": ["classifier.6.weight"],
+    },
+    "mobilenet_v2": {
+        "stem": ["features.0.0.weight", "features.1.conv.0.0.weight"],
+        "layer1": ["features.2.conv.0.0.weight", "features.3.conv.3.bias"],
+        "layer3": ["features.7.conv.1.0.weight", "features.13.conv.2.weight"],
+        "layer4": ["features.14.conv.0.0.weight", "features.18.1.weight"],
+        "attention": ["features.3.post_attn.channel_gate.mlp.2.weight"],
+        "head": ["classifier.1.weight"],
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", list(BASELINE_PARTS))
+def test_baseline_parts_follow_their_stages(arch: str) -> None:
+    model = build_model(ModelConfig(arch=arch, cbam="stage"))
+    parts = named_parts(model)
+    names = {part: [n for n, _ in ps] for part, ps in parts.items()}
+    for part, expected in BASELINE_PARTS[arch].items():
+        assert set(expected) <= set(names[part]), (part, set(expected) - set(names[part]))
+    seen = [id(p) for ps in parts.values() for _, p in ps]
+    assert sorted(seen) == sorted(id(p) for p in model.parameters())
+    assert all(parts[p] for p in PARTS)  # every part has parameters
+    assert all(".attn." in n or ".post_attn." in n for n in names["attention"])
+
+    freeze(model, ["backbone"])
+    assert trainable_parts(model) == ["attention", "head"]
+    unfreeze(model, ["layer4"])
+    assert trainable_parts(model) == ["layer4", "attention", "head"]

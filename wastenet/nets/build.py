@@ -7,11 +7,19 @@ from typing import get_args
 
 from torch import nn
 
+from wastenet.nets.alexnet import alexnet
 from wastenet.nets.common import Classifier
+from wastenet.nets.mobilenet import mobilenet_v2
 from wastenet.nets.resnet import RESNET_LAYERS, resnet
+from wastenet.nets.vgg import vgg16_bn
 from wastenet.schema import Arch, ModelConfig
 
-BUILDERS: dict[str, Callable[[ModelConfig], Classifier]] = {name: resnet for name in RESNET_LAYERS}
+BUILDERS: dict[str, Callable[[ModelConfig], Classifier]] = {
+    **{name: resnet for name in RESNET_LAYERS},
+    "vgg16_bn": vgg16_bn,
+    "mobilenet_v2": mobilenet_v2,
+    "alexnet": alexnet,
+}
 
 
 def list_architectures() -> list[str]:

@@ -42,7 +42,16 @@ def test_no_attention_equals_torchvision(arch: str) -> None:
 
 
 def test_list_architectures() -> None:
-    assert list_architectures() == ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
+    assert list_architectures() == [
+        "resnet18",
+        "resnet34",
+        "resnet50",
+        "resnet101",
+        "resnet152",
+        "vgg16_bn",
+        "mobilenet_v2",
+        "alexnet",
+    ]
 
 
 def cbam_names(model: nn.Module) -> list[str]:
