@@ -101,10 +101,10 @@ def test_block_post_starts_near_identity_where_it_cannot_fold(
     for name, maps in gates.channel.items():
         start = 0.95 if name in report.unfolded else 0.5
         assert torch.allclose(maps[0], torch.full_like(maps[0], start)), name
-        assert torch.allclose(gates.spatial[name][0], torch.full_like(gates.spatial[name][0], start))
-    similarity = nn.functional.cosine_similarity(
-        _features(model, x), _features(tv_resnet18, x)
-    )
+        assert torch.allclose(
+            gates.spatial[name][0], torch.full_like(gates.spatial[name][0], start)
+        )
+    similarity = nn.functional.cosine_similarity(_features(model, x), _features(tv_resnet18, x))
     assert similarity.min() > 0.95
 
 
