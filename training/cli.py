@@ -318,6 +318,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     write_predictions(rows, args.out, top_k=min(args.top_k, len(predictor.class_names)))
     failed = sum(1 for r in rows if r["error"])
     print(f"wrote {args.out} ({len(rows) - failed} predicted, {failed} unreadable)")
+    if args.cam is not None:
+        from training.predict import write_cams
+
+        cams = write_cams(predictor, paths, args.images, args.cam, batch_size=args.batch_size)
+        print(f"wrote {len(cams)} attention overlays to {args.cam}")
     return 0
 
 
@@ -416,6 +421,13 @@ def _add_predict(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     p.add_argument("images", type=Path, help="folder of images")
     p.add_argument("--out", type=Path, required=True, help="output file: .csv or .json")
     p.add_argument("--top-k", type=int, default=3, help="classes per image (default: 3)")
+    p.add_argument(
+        "--cam",
+        type=Path,
+        metavar="DIR",
+        help="also write, per image, DIR/<image path>.gradcam.png (Grad-CAM of the predicted "
+        "class) and, for CBAM networks, .attention.png (the last CBAM's spatial attention)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: 32)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.set_defaults(func=cmd_predict)

@@ -150,3 +150,43 @@ def write_predictions(rows: list[dict[str, Any]], out: Path, top_k: int) -> None
                     cells += ["", ""]
             cells.append(row["error"] or "")
             writer.writerow(cells)
+
+
+CAM_MIN_SIZE = 224  # overlays are drawn at least this wide, so small inputs stay visible
+
+
+def write_cams(
+    predictor: Predictor,
+    paths: Sequence[Path],
+    root: Path,
+    out_dir: Path,
+    batch_size: int = 32,
+) -> list[Path]:
+    """For each readable image, ``out_dir/<path under root>.gradcam.png`` (Grad-CAM of the
+    predicted class over the image as the network sees it) and, for a CBAM network,
+    ``.attention.png`` (its last CBAM's spatial attention); returns the files written."""
+    from wastenet.explain import explain, input_image, overlay
+
+    transform = eval_transform(predictor.preprocessing)
+    size = max(CAM_MIN_SIZE, predictor.preprocessing.input_size)
+    written: list[Path] = []
+    for chunk in _batches(paths, batch_size):
+        good = [
+            (p, t) for p, t in ((p, _load(p, transform)) for p in chunk) if isinstance(t, Tensor)
+        ]
+        if not good:
+            continue
+        results = explain(predictor.model, torch.stack([t for _, t in good]))
+        for (path, tensor), result in zip(good, results, strict=True):
+            base = input_image(tensor, predictor.preprocessing)
+            base = base.resize((size, size), Image.Resampling.BILINEAR)
+            stem = out_dir / path.relative_to(root)
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            maps = {"gradcam": (result.cam, False), "attention": (result.attention, True)}
+            for kind, (heat, rescale) in maps.items():
+                if heat is None:
+                    continue
+                target = stem.with_name(f"{stem.name}.{kind}.png")
+                overlay(base, heat, rescale=rescale).save(target)
+                written.append(target)
+    return written

@@ -28,6 +28,9 @@ from wastenet.schema import Evaluation
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
+    from torch import nn
+
+    from wastenet.schema import Preprocessing
 
 PLOTS_DIR = "plots"
 _DPI = 100
@@ -539,3 +542,50 @@ def write_plots(
         plot_class_distribution(splits, out / "class_distribution.png"),
         plot_sample_grid(splits.train, names, out / "samples_train.png"),
     ]
+
+
+def plot_attention_maps(
+    model: nn.Module,
+    samples: Sequence[Sample],
+    class_names: Sequence[str],
+    preprocessing: Preprocessing,
+    path: Path,
+    n: int = 8,
+    seed: int = 0,
+) -> Path:
+    """Up to ``n`` images (one class after another), each as the network sees it, with
+    its last CBAM's spatial attention and the Grad-CAM of the predicted class overlaid
+    (``wastenet.explain``); ``model`` in eval mode."""
+    import torch
+
+    from wastenet.explain import explain, input_image, overlay
+    from wastenet.preprocess import eval_transform
+
+    picked = _pick_round_robin(samples, n, seed)
+    transform = eval_transform(preprocessing)
+    fig = _figure(6.6, 2.3 * max(len(picked), 1), constrained=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.97, wspace=0.05, hspace=0.3)
+    axes = fig.subplots(max(len(picked), 1), 3, squeeze=False)
+    if not picked:
+        _no_data(axes[0, 0], "no images")
+    batch = []
+    for sample in picked:
+        with Image.open(sample.path) as img:
+            batch.append(transform(img))
+    found = explain(model, torch.stack(batch)) if batch else []
+    for row, sample, tensor, result in zip(axes, picked, batch, found, strict=False):
+        shown = input_image(tensor, preprocessing).resize((192, 192), Image.Resampling.BILINEAR)
+        predicted = f"{class_names[result.class_index]} ({result.probability:.2f})"
+        row[0].imshow(np.asarray(shown))
+        row[0].set_title(f"true: {class_names[sample.label]}", fontsize=8)
+        if result.attention is None:
+            _no_data(row[1], "no CBAM")
+        else:
+            row[1].imshow(np.asarray(overlay(shown, result.attention)))
+            row[1].set_title("CBAM spatial attention (last)", fontsize=8)
+        row[2].imshow(np.asarray(overlay(shown, result.cam, rescale=False)))
+        row[2].set_title(f"Grad-CAM of predicted: {predicted}", fontsize=8)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    return _save(fig, path)

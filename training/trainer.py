@@ -716,6 +716,7 @@ def _write_reports(
         plots = write_plots(
             run_dir, state.history, test["targets"], test["probs"], metrics, setup.splits
         )
+        plots.append(_attention_figure(setup))
         log(f"wrote {len(plots)} plots to {run_dir / 'plots'}")
     log(
         f"best epoch {best.epoch} (stage {best.stage}): val macro-F1 "
@@ -724,3 +725,18 @@ def _write_reports(
         f"{metrics['macro_f1']:.3f} ({metrics['num_samples']} images)"
     )
     return metrics
+
+
+def _attention_figure(setup: RunSetup) -> Path:
+    """plots/attention_maps.png: test images with the best checkpoint's CBAM spatial
+    attention and Grad-CAM (``training.reports.plot_attention_maps``)."""
+    from training.reports import PLOTS_DIR, plot_attention_maps
+
+    best = BestCheckpoint.load(setup.run_dir / CHECKPOINTS / BEST)
+    model = build_model(setup.config.model)
+    model.load_state_dict(best.inference_weights())
+    path = setup.run_dir / PLOTS_DIR / "attention_maps.png"
+    splits = setup.splits
+    return plot_attention_maps(
+        model.eval(), splits.test, splits.class_names, setup.config.preprocessing, path
+    )
