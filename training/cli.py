@@ -348,7 +348,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if config.out_dir is None:
         raise ConfigError("ablate needs --out-dir DIR for its runs and comparison table")
-    ablate(config, placements=args.placements, ibn=args.with_ibn, bnneck=args.with_bnneck)
+    ablate(
+        config,
+        placements=args.placements,
+        ibn=args.with_ibn,
+        bnneck=args.with_bnneck,
+        seeds=args.seeds,
+    )
     return 0
 
 
@@ -454,18 +460,28 @@ def _add_ablate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "ablate",
         help="train the same budget with each CBAM placement and compare",
         description="Train one run per variant (CBAM none/stage/block/block_post, optionally "
-        "with IBN-a and BNNeck) on the same split, epochs and seed; print and save a "
-        "comparison table (ablation.md, ablation.json) in --out-dir.",
+        "with IBN-a and BNNeck) and seed on the same split and epochs; print and save a "
+        "comparison table with mean ± std over seeds and the CBAM gate statistics before "
+        "and after training (ablation.md, ablation.json) in --out-dir.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example:\n  python -m training ablate --data data/synth --out-dir runs/ablation "
-        "--no-pretrained --strategy differential --epochs 5 --with-ibn --with-bnneck",
+        "--no-pretrained --strategy differential --epochs 5 --seeds 0 1 2 --with-ibn",
     )
     p.add_argument(
         "--placements",
         nargs="+",
-        default=["none", "stage", "block", "block_post"],
+        default=None,
         choices=["none", "stage", "block", "block_post"],
-        help="CBAM placements to compare (default: all four)",
+        help="CBAM placements to compare (default: every placement --arch has: all four for "
+        "ResNet and MobileNetV2, none and stage for VGG and AlexNet)",
+    )
+    p.add_argument(
+        "--seeds",
+        nargs="+",
+        type=int,
+        metavar="N",
+        help="train every variant once per seed and report mean ± std (default: --seed); "
+        "all runs share the split made with --seed",
     )
     p.add_argument(
         "--with-ibn", action="store_true", help="add a variant: the base placement with IBN-a"

@@ -106,23 +106,39 @@ def test_synth_ablate_and_resume_rules(tmp_path: Path, capsys: pytest.CaptureFix
             "--strategy", "differential", "--epochs", "1", "--input-size", "32",
             "--resize-size", "36", "--batch-size", "16", "--num-workers", "0", "--no-progress",
             "--no-verify-images", "--no-plots", "--device", "cpu",
-            "--placements", "none", "block", "--with-bnneck"]  # fmt: skip
+            "--placements", "none", "block", "--with-bnneck", "--seeds", "0", "1"]  # fmt: skip
     assert main(argv) == 0
     table = (out / "ablation.md").read_text()
-    rows = json.loads((out / "ablation.json").read_text())["rows"]
-    assert [r["variant"] for r in rows] == ["cbam=none", "cbam=block", "cbam=block+bnneck"]
+    report = json.loads((out / "ablation.json").read_text())
+    rows = report["rows"]
+    variants = ["cbam=none", "cbam=block", "cbam=block+bnneck"]
+    assert [(r["variant"], r["seed"]) for r in rows] == [(v, s) for s in (0, 1) for v in variants]
     assert rows[0]["params_m"] < rows[1]["params_m"]
     assert all(0.0 <= r["test_accuracy"] <= 1.0 for r in rows)
-    assert "| cbam=block+bnneck |" in table and "cbam=block+bnneck" in capsys.readouterr().out
-    # Every variant trained on the same saved split.
+    assert "| cbam=block+bnneck | 2 |" in table and "cbam=block+bnneck" in capsys.readouterr().out
+    # Mean ± std over the two seeds, per variant.
+    block = [r["test_accuracy"] for r in rows if r["variant"] == "cbam=block"]
+    summary = {e["variant"]: e for e in report["summary"]}
+    assert summary["cbam=block"]["test_accuracy"]["mean"] == pytest.approx(sum(block) / 2)
+    assert summary["cbam=block"]["test_accuracy"]["std"] == pytest.approx(
+        abs(block[0] - block[1]) / 2**0.5
+    )
+    # Gates measured on the test images: constant 0.5 before training, spread after it.
+    before, after = rows[1]["gates_before"], rows[1]["gates_after"]
+    assert before["channel"] == {"mean": 0.5, "std": 0.0, "image_std": 0.0}
+    assert after["channel"]["std"] > 0 and after["spatial"]["image_std"] > 0
+    assert rows[0]["gates_after"] == {}
+    assert "0.500 → " in table and "## CBAM gates on the test images" in table
+    # Every run trained on the same saved split.
     configs = [Path(r["run_dir"]) / "config.json" for r in rows]
     split_files = {json.loads(c.read_text())["splits_file"] for c in configs}
     assert split_files == {str(out / "splits.json")}
-    log = (out / "cbam-block-bnneck" / "train.log").read_text()
+    assert {json.loads(c.read_text())["seed"] for c in configs} == {0, 1}
+    log = (out / "cbam-block-bnneck-seed1" / "train.log").read_text()
     assert f"pretrained {weights}: 120 tensors loaded" in log
 
     # A finished run resumes only with settings that do not change its result.
-    run = out / "cbam-none"
+    run = out / "cbam-none-seed0"
     assert main(["train", "--resume", str(run), "--lr-head", "0.5"]) == 2
     assert "cannot change lr_head" in capsys.readouterr().err
     assert main(["train", "--resume", str(run), "--no-plots", "--device", "cpu"]) == 0
@@ -199,3 +215,22 @@ def test_a_partial_pretrained_file_stops_training_unless_allowed(
     assert main([*argv, "--out-dir", str(run), "--allow-partial-pretrained"]) == 0
     log = (run / "train.log").read_text()
     assert "partial load allowed; missing: layer1.0.bn1.weight; unexpected: " in log
+
+
+def test_ablate_offers_the_placements_an_arch_has(capsys: pytest.CaptureFixture[str]) -> None:
+    from training.ablate import variants
+
+    vgg = _config(["--arch", "vgg16_bn", "--cbam", "stage"])
+    assert [name for name, _ in variants(vgg, None, False, True)] == [
+        "cbam=none",
+        "cbam=stage",
+        "cbam=stage+bnneck",
+    ]
+    with pytest.raises(
+        ConfigError, match=r"alexnet has no place for CBAM placement\(s\) \['block'\]"
+    ):
+        variants(_config(["--arch", "alexnet", "--cbam", "none"]), ["none", "block"], False, False)
+    with pytest.raises(ConfigError, match="variant cbam=stage\\+ibn: .*no ResNet blocks"):
+        variants(vgg, None, True, False)
+    resnet = [name for name, _ in variants(_config([]), None, False, False)]
+    assert resnet == ["cbam=none", "cbam=stage", "cbam=block", "cbam=block_post"]
