@@ -6,15 +6,18 @@ No ImageNet weights exist offline, so a stand-in "pretrained" ResNet-18 (torchvi
 own model and names) is first trained on six classes of the synthetic set (seed 1, its
 own images); that file then plays the ImageNet checkpoint. Starts compared:
 
-- ``folded`` (ours): both gates at sigmoid(0) = 0.5 with zero logit layers, and the
-  constant factor 0.25 folded into the pretrained layer next to each CBAM (where it
-  cannot be folded, in block_post, that CBAM starts at 0.95);
-- ``unfolded``: the same start without the fold;
+- ``folded`` (ours): both gates around sigmoid(0) = 0.5 (channel logit layer at zero,
+  spatial BatchNorm weight 0.3), and the factor 0.25 folded into the pretrained layer next
+  to each CBAM (where it cannot be folded, in block_post, that CBAM starts at 0.95);
+- ``folded_constant``, ``folded_spatial1``: the same with spatial BatchNorm weight 0 (the
+  official code's; both gates constant at step 0) or 1 (PyTorch's default);
+- ``unfolded``: ours without the fold;
 - ``near_identity``: the former start, gates at 0.95 with zero logit layers (no fold);
 - ``textbook``: PyTorch's default initialisation of every CBAM layer (no fold).
 
-Part 1 (step 0): accuracy of the stand-in's own six-class head on held-out images, and
-the cosine similarity of the pooled features with the stand-in's, per CBAM placement.
+Part 1 (step 0): accuracy of the stand-in's own six-class head on held-out images in eval
+mode and in training mode (batch statistics, as the first training steps see it), and the
+cosine similarity of the pooled features with the stand-in's, per CBAM placement.
 Part 2 (learning): the trainer fine-tunes each start on the 12-class synthetic set
 (seed 0) with cbam=block and reports test accuracy and the gate statistics before and
 after training (``training.ablate.measure_gates``), at the default and a 10x attention LR.
@@ -23,6 +26,7 @@ after training (``training.ablate.measure_gates``), at the default and a 10x att
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import sys
@@ -47,7 +51,8 @@ from wastenet.nets import CBAM, ModelConfig, ResNet, build_model, load_pretraine
 from wastenet.nets.cbam import NEAR_IDENTITY_START
 from wastenet.schema import IMAGENET_MEAN, IMAGENET_STD
 
-STARTS = ("folded", "unfolded", "near_identity", "textbook")
+STARTS = ("folded", "folded_constant", "folded_spatial1", "unfolded", "near_identity", "textbook")
+SPATIAL_WEIGHT = {"folded_constant": 0.0, "folded_spatial1": 1.0}
 PRETRAIN_CLASSES = CLASS_NAMES[:6]
 
 
@@ -97,8 +102,12 @@ def pretrain_standin(path: Path, data: tuple[Tensor, ...], epochs: int) -> None:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    model.eval()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, train_mode: bool = False) -> float:
+    """Top-1 accuracy; ``train_mode`` normalises with the batch's statistics (on a copy)."""
+    if train_mode:
+        model = copy.deepcopy(model).train()
+    else:
+        model.eval()
     return float((model(x).argmax(1) == y).float().mean())
 
 
@@ -106,7 +115,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 def start(name: str) -> Iterator[None]:
     """Make ``load_pretrained`` (and the trainer's use of it) fold only for ``folded``."""
     fold = ResNet.fold_attention_start
-    if name != "folded":
+    if not name.startswith("folded"):
         ResNet.fold_attention_start = lambda self: []  # type: ignore[method-assign]
     try:
         yield
@@ -120,7 +129,9 @@ def apply_start(model: nn.Module, name: str) -> None:
         if not isinstance(m, CBAM):
             continue
         last, bn = m.channel_gate.mlp[2], m.spatial_gate.bn
-        if name == "near_identity":
+        if name in SPATIAL_WEIGHT:
+            nn.init.constant_(bn.weight, SPATIAL_WEIGHT[name])
+        elif name == "near_identity":
             m.reset_gates(NEAR_IDENTITY_START)
         elif name == "textbook":
             for layer in (m.channel_gate.mlp[0], last, m.spatial_gate.conv, bn):
@@ -139,7 +150,14 @@ def step0(file: Path, hx: Tensor, hy: Tensor) -> list[dict[str, Any]]:
     standin.load_state_dict(torch.load(file, weights_only=True))
     standin.eval()
     plain = nn.Sequential(*list(standin.children())[:-1])(hx).flatten(1)
-    rows = [{"placement": "(stand-in)", "start": "-", "accuracy": accuracy(standin, hx, hy)}]
+    rows = [
+        {
+            "placement": "(stand-in)",
+            "start": "-",
+            "accuracy": accuracy(standin, hx, hy),
+            "train_mode_accuracy": accuracy(standin, hx, hy, train_mode=True),
+        }
+    ]
     for placement in ("block", "stage", "block_post"):
         for name in STARTS:
             config = ModelConfig(cbam=placement, num_classes=len(PRETRAIN_CLASSES))
@@ -154,6 +172,7 @@ def step0(file: Path, hx: Tensor, hy: Tensor) -> list[dict[str, Any]]:
                     "placement": placement,
                     "start": name,
                     "accuracy": accuracy(model, hx, hy),
+                    "train_mode_accuracy": accuracy(model, hx, hy, train_mode=True),
                     "cos_min": float(cos.min()),
                     "cos_mean": float(cos.mean()),
                 }

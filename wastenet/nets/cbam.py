@@ -12,19 +12,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-# Where a fresh gate starts. Both gates start at sigmoid(0) = 0.5, where the official code
-# starts its spatial gate and where a sigmoid is steepest (slope 0.25), so the gates can
-# move. The last layer that produces each gate's logits starts at zero weight and zero
-# bias (the channel MLP's second linear layer; the spatial BatchNorm's scale and shift),
-# so at step 0 the gate is the same constant for every image and position, and gradients
-# still reach every gate parameter after the first step (as with zero-init residual BNs).
-# A fresh CBAM therefore scales its input by exactly START_SCALE; loading pretrained
+# Where a fresh gate starts. Both gates start around sigmoid(0) = 0.5, where a sigmoid is
+# steepest (slope 0.25), so they can move. The channel MLP's second linear layer starts
+# at zero weight and bias, so the channel gate is exactly 0.5 for every image at step 0
+# and gradients still reach every gate parameter after the first step (as with zero-init
+# residual BNs). The spatial BatchNorm starts at weight SPATIAL_START_WEIGHT, bias 0: with
+# weight 0 (the official code's choice) its 7x7 convolution gets no gradient and the gate
+# stayed constant in fine-tuning runs of a few hundred steps; with PyTorch's weight 1 the
+# gate varies enough at step 0 to cost a pretrained backbone accuracy in training mode.
+# A fresh CBAM therefore scales its input by START_SCALE on average; loading pretrained
 # weights folds 1 / START_SCALE into the pretrained layer next to each CBAM (see
-# ``wastenet.nets.pretrained``), so a pretrained backbone computes its pretrained function
-# at step 0. Starting the gates near 1 instead (0.95) keeps that function without the
-# fold, but the sigmoids then sit where their slope is 0.05 and the gates barely learn.
+# ``wastenet.nets.pretrained``), so a pretrained backbone keeps its function at step 0.
+# Starting the gates near 1 instead (0.95) keeps that function without the fold, but the
+# sigmoids then sit where their slope is 0.05 and the gates barely learn.
+# Measurements: benchmarks/cbam_start.py and the README ("Initialisation").
 GATE_START = 0.5
 START_SCALE = GATE_START * GATE_START
+SPATIAL_START_WEIGHT = 0.3
 # Where a CBAM starts whose factor cannot be folded (its input is a sum with an identity
 # path, as in block_post): 0.95 per gate, 0.9 in all. Measured with the stand-in pretrained
 # ResNet-18 of benchmarks/cbam_start.py and block_post: held-out accuracy at step 0 was
@@ -84,7 +88,7 @@ class SpatialGate(nn.Module):
         self.sigmoid = nn.Sigmoid()  # a module, so a hook can read Ms(F')
 
     def reset_gate(self, start: float = GATE_START) -> None:
-        nn.init.zeros_(self.bn.weight)
+        nn.init.constant_(self.bn.weight, SPATIAL_START_WEIGHT)
         nn.init.constant_(self.bn.bias, _logit(start))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -106,7 +110,7 @@ class CBAM(nn.Module):
         self.reset_parameters()
 
     def reset_gates(self, start: float = GATE_START) -> None:
-        """Both gates at the constant ``start`` (the logit layers' weights at zero)."""
+        """Both gates around ``start``: the channel gate exactly, the spatial gate on average."""
         self.channel_gate.reset_gate(start)
         self.spatial_gate.reset_gate(start)
 

@@ -158,11 +158,15 @@ def test_spatial_gate_is_conv_bn_over_max_and_mean_maps() -> None:
     assert torch.allclose(gate(x), expected, atol=1e-6)
 
 
-def test_fresh_cbam_scales_every_input_by_its_start_factor() -> None:
+def test_fresh_cbam_starts_at_the_steep_half() -> None:
     model = build_model(ModelConfig(cbam="block")).eval()
     cbam = model.layer2[0].attn
     x = torch.randn(2, 128, 8, 8)
     with torch.no_grad():
+        assert torch.equal(cbam.channel_gate(x), x * 0.5)  # exactly, for every image
+        assert cbam.spatial_gate.bn.weight.item() == pytest.approx(0.3)
+        assert cbam.spatial_gate.bn.bias.item() == 0.0  # sigmoid(0) = 0.5 on average
+        cbam.spatial_gate.bn.weight.zero_()
         ratio = cbam(x) / x
     assert START_SCALE == 0.25
     assert torch.allclose(ratio, torch.full_like(ratio, START_SCALE), atol=1e-6)
