@@ -153,7 +153,12 @@ class TrainConfig(BaseModel):
         description="three_stage: every group's LR is multiplied by this in stage 1, 2, 3",
     )
     lr_backbone: float = Field(default=1e-5, gt=0, description="LR of stem and layer1..4")
-    lr_attention: float = Field(default=1e-4, gt=0, description="LR of the CBAM modules")
+    lr_attention: float = Field(
+        default=1e-3,
+        gt=0,
+        description="LR of the CBAM modules (new layers, like the head: at 1e-4 the gates "
+        "barely moved in a few hundred steps)",
+    )
     lr_head: float = Field(default=1e-3, gt=0, description="LR of the classifier head")
     optimizer: OptimizerName = Field(default="adamw", description="adamw or sgd (nesterov)")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="sgd momentum")

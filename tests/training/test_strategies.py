@@ -168,7 +168,7 @@ def test_stage_boundaries_rebuild_optimizer_and_scheduler_exactly() -> None:
         }
         assert sum(p.numel() for p in in_optimizer) == trainable
         scale = config.stage_lr_scale[stage.index - 1]
-        want = {"backbone": 1e-5 * scale, "attention": 1e-4 * scale, "head": 1e-3 * scale}
+        want = {"backbone": 1e-5 * scale, "attention": 1e-3 * scale, "head": 1e-3 * scale}
         for group in optimizer.param_groups:
             base = group["name"].split("/")[0]
             assert group["initial_lr"] == pytest.approx(want[base])
