@@ -198,7 +198,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         type=Path,
         metavar="PATH",
         default=argparse.SUPPRESS,
-        help="torchvision ResNet state dict to start from (default: look in torchvision's "
+        help="torchvision state dict of --arch to start from (default: look in torchvision's "
         "cache, and stop with instructions when it is not there)",
     )
     net.add_argument(

@@ -117,7 +117,7 @@ class TrainConfig(BaseModel):
     )
     pretrained_path: Path | None = Field(
         default=None,
-        description="torchvision ResNet state dict to start from (default: torchvision's cache)",
+        description="torchvision state dict of the arch to load (default: torchvision's cache)",
     )
     allow_partial_pretrained: bool = Field(
         default=False,
