@@ -3,6 +3,7 @@ several seeds, with the CBAM gate statistics before and after training."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import statistics
@@ -25,7 +26,7 @@ from wastenet.nets import (
     load_pretrained,
     record_gates,
 )
-from wastenet.nets.cbam import gate_statistics
+from wastenet.nets.cbam import SpatialGate, gate_statistics
 from wastenet.schema import cbam_placements
 
 PLACEMENTS = ("none", "stage", "block", "block_post")
@@ -47,6 +48,7 @@ GATE_COLUMNS = (
     ("spatial", "std", "spatial std"),
     ("spatial", "image_std", "spatial spread over images"),
     ("spatial", "position_std", "spatial spread within an image"),
+    ("spatial", "bn_weight", "spatial BN weight"),
 )
 
 Log = Callable[[str], None]
@@ -100,13 +102,28 @@ def load_test_images(splits_file: Path, config: TrainConfig) -> Tensor:
 
 @torch.no_grad()
 def measure_gates(model: nn.Module, images: Tensor, batch_size: int = 64) -> dict[str, Any]:
-    """CBAM gate statistics (``wastenet.nets.cbam.gate_statistics``) over ``images``, eval mode."""
-    model.eval()
-    device = next(model.parameters()).device
-    with record_gates(model) as record:
+    """CBAM gate statistics (``wastenet.nets.cbam.gate_statistics``) over ``images``, plus
+    the mean spatial BatchNorm weight (how strongly the spatial map modulates).
+
+    A copy of ``model`` runs in eval mode, except that each spatial gate's BatchNorm
+    normalises with the statistics of the batch: before the first training step its
+    running statistics are still (0, 1), which says nothing about the gate the training
+    sees, and comparing before with after would credit training with their update.
+    """
+    probe = copy.deepcopy(model).eval()
+    weights = []
+    for m in probe.modules():
+        if isinstance(m, SpatialGate):
+            m.bn.train()
+            weights.append(float(m.bn.weight))
+    device = next(probe.parameters()).device
+    with record_gates(probe) as record:
         for chunk in images.split(batch_size):
-            model(chunk.to(device))
-    return gate_statistics(record)
+            probe(chunk.to(device))
+    stats = gate_statistics(record)
+    if weights:
+        stats["spatial"]["bn_weight"] = statistics.fmean(weights)
+    return stats
 
 
 def initial_network(config: TrainConfig) -> nn.Module:
@@ -241,7 +258,10 @@ def _write_report(
         f"metrics of each run's best checkpoint).\n\n{results}\n\n## CBAM gates on the test "
         f"images, before → after training\n\nstd: over all gate values; spread over "
         f"images: std over images of each channel's (position's) gate, averaged; spread "
-        f"within an image: std over positions of the spatial map, averaged.\n\n{gates}\n"
+        f"within an image: std over positions of the spatial map, averaged; spatial BN "
+        f"weight: the spatial BatchNorm's scale, averaged over CBAM modules. Spatial "
+        f"BatchNorms normalise with the test batch's statistics (see measure_gates)."
+        f"\n\n{gates}\n"
     )
     (out_dir / "ablation.md").write_text(text)
     payload = {"budget": budget, "seeds": seeds, "summary": summary, "rows": rows}
