@@ -247,16 +247,19 @@ def main() -> None:
     _, _, hx, hy = data = pretrain_data(64, per_class=80, held_out=30)
     if not file.is_file():
         pretrain_standin(file, data, args.pretrain_epochs)
-    results: dict[str, Any] = {"step0": step0(file, hx, hy), "finetune": []}
+    results: dict[str, Any] = {}
+    if not args.skip_step0:
+        results["step0"] = step0(file, hx, hy)
     if not args.skip_finetune:
         generate_synthetic_dataset(args.work / "target", images_per_class=40, size=72, seed=0)
-        for lr in args.lrs:
-            for name in args.starts:
-                results["finetune"].append(
-                    finetune(args.work, file, args.finetune_epochs, lr, name)
-                )
-    (args.work / "cbam_start.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.work / 'cbam_start.json'}")
+        results["finetune"] = [
+            finetune(args.work, file, args.finetune_epochs, lr, name)
+            for lr in args.lrs
+            for name in args.starts
+        ]
+    out = args.work / "cbam_start.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
