@@ -30,12 +30,11 @@ def test_mobilenet_v2_trains_publishes_and_serves(tmp_path: Path) -> None:
         data,
         tmp_path / "run",
         model={"arch": "mobilenet_v2", "cbam": "block"},
-        strategy="three_stage",
-        stage_epochs=(1, 1, 1),
+        strategy="differential",
+        epochs=2,
         publish_repo=str(tmp_path / "models"),
     )
     result = train(config, log=lambda _m: None)
-    assert [r["stage"] for r in result.history["epochs"]] == [1, 2, 3]
     assert result.version is not None and result.version.name == "waste-mobilenet_v2-block"
 
     loaded = load_version(result.version.path)
