@@ -563,7 +563,7 @@ def plot_attention_maps(
 
     picked = _pick_round_robin(samples, n, seed)
     transform = eval_transform(preprocessing)
-    fig = _figure(6.6, 2.3 * max(len(picked), 1), constrained=False)
+    fig = _figure(7.2, 2.3 * max(len(picked), 1), constrained=False)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.97, wspace=0.05, hspace=0.3)
     axes = fig.subplots(max(len(picked), 1), 3, squeeze=False)
     if not picked:
@@ -584,7 +584,7 @@ def plot_attention_maps(
             row[1].imshow(np.asarray(overlay(shown, result.attention)))
             row[1].set_title("CBAM spatial attention (last)", fontsize=8)
         row[2].imshow(np.asarray(overlay(shown, result.cam, rescale=False)))
-        row[2].set_title(f"Grad-CAM of predicted: {predicted}", fontsize=8)
+        row[2].set_title(f"Grad-CAM, predicted {predicted}", fontsize=8)
         for ax in row:
             ax.set_xticks([])
             ax.set_yticks([])

@@ -97,4 +97,4 @@ def test_attention_figure_has_a_row_per_image(tmp_path: Path, cbam: str) -> None
     out = plot_attention_maps(_network(cbam), samples, CLASS_NAMES, PRE, tmp_path / "a.png")
     with Image.open(out) as img:
         width, height = img.size
-    assert width == 660 and height == 2 * 230
+    assert width == 720 and height == 2 * 230
