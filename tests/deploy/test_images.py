@@ -102,6 +102,7 @@ def build(engine: Engine, dockerfile: Path, base: str, tag: str, target: str, lo
         "--build-arg", f"PYTHON_IMAGE={base}", "--target", target, "-t", tag, str(REPO),
     ]  # fmt: skip
     say(f"docker {' '.join(argv)}")
+    previous = image_id(engine, tag)
     started = time.monotonic()
     with log.open("w") as out:
         done = subprocess.run(
@@ -115,7 +116,14 @@ def build(engine: Engine, dockerfile: Path, base: str, tag: str, target: str, lo
     if done.returncode != 0:
         pytest.fail(f"building {tag} failed:\n{log.read_text()[-5000:]}")
     say(f"built {tag} in {seconds:.0f} s")
+    if previous and previous != image_id(engine, tag):
+        # The image this tag named before (an earlier run's), unless it is still in use.
+        engine.run("image", "rm", previous, check=False)
     return seconds
+
+
+def image_id(engine: Engine, ref: str) -> str:
+    return engine.run("image", "inspect", "--format", "{{.Id}}", ref, check=False).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -226,10 +234,31 @@ def published_versions(workdir: Path) -> list[int]:
     return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
 
 
-def versions_state(base_url: str) -> dict[int, str]:
+def versions(base_url: str) -> list[dict[str, Any]]:
     models = httpx.get(f"{base_url}/v1/models", timeout=10).json()["models"]
     (model,) = [m for m in models if m["name"] == DEFAULT_MODEL]
-    return {v["version"]: v["state"] for v in model["versions"]}
+    found: list[dict[str, Any]] = model["versions"]
+    return found
+
+
+def versions_state(base_url: str) -> dict[int, str]:
+    return {v["version"]: v["state"] for v in versions(base_url)}
+
+
+def ready_or_fail(engine: Engine, api: str, base_url: str, logs: Callable[[], str]) -> bool:
+    """Whether /health/ready answers 200; fails at once on a failed version or an exit."""
+    if answers(f"{base_url}/health/ready"):
+        return True
+    state = engine.run("inspect", "--format", "{{.State.Status}}", api).stdout.strip()
+    if state != "running":
+        pytest.fail(f"the service container is {state}:\n{logs()}")
+    try:
+        failed = {v["version"]: v["error"] for v in versions(base_url) if v["state"] == "failed"}
+    except (httpx.TransportError, ValueError, KeyError):
+        return False  # not answering yet
+    if failed:
+        pytest.fail(f"versions failed to load in the container: {failed}\n{logs()}")
+    return False
 
 
 def predict(base_url: str, path: str = "/v1/predict") -> dict[str, Any]:
@@ -258,7 +287,9 @@ def test_readme_flow_in_real_containers(built: Built, workdir: Path) -> None:
         say(f"docker {' '.join(run)}")
         started = time.monotonic()
         engine.run(*run)
-        ready_s = wait_for("/health/ready", lambda: answers(f"{base_url}/health/ready"), 180, logs)
+        ready_s = wait_for(
+            "/health/ready", lambda: ready_or_fail(engine, api, base_url, logs), 180, logs
+        )
         say(f"ready {ready_s:.1f} s after docker run")
         assert engine.run("exec", api, "id", "-u").stdout.strip() == "10001"
         assert published_versions(workdir) == [1]
