@@ -5,8 +5,9 @@ The container tests must run on a bare CI machine, so this module gets what they
 - an engine: the one that answers already (``DOCKER_HOST`` or the default socket) is used
   and left running; otherwise Debian's ``docker.io`` (Engine 20.10) is started as a
   ``dockerd`` of its own, on a private socket and data root, and stopped afterwards. It
-  runs with ``--iptables=false`` (machines without netfilter rules to spare), so
-  containers reach the host's network only with ``--network host``;
+  runs with ``--iptables=false``: it leaves the host's firewall alone, so containers on
+  its bridge reach no outside network (builds use ``--network host``), while published
+  ports still work through Docker's userland proxy;
 - a CLI that builds ``RUN --mount`` with BuildKit: a ``docker`` with the buildx plugin,
   else Debian's own CLI (BuildKit built in). A current CLI without buildx refuses BuildKit;
 - a base image for ``PYTHON_IMAGE``: ``python:3.11-slim-trixie`` when the engine has it or
@@ -53,7 +54,7 @@ BASE_CHANGES = (
     "ENV LANG=C.UTF-8",
     'CMD ["python3"]',
 )
-# Trimmed from the debootstrapped tree (124 MB left): documentation and apt's indexes.
+# Trimmed from the debootstrapped tree (155 MB left): documentation and apt's indexes.
 TRIM = ("usr/share/doc", "usr/share/man", "usr/share/info", "var/lib/apt/lists", "var/cache/apt")
 
 
@@ -109,13 +110,18 @@ def apt_install(packages: list[str], log: Log) -> None:
         return
     log(f"apt-get install {' '.join(missing)}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (
-        ["apt-get", "update", "-q"],
-        ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing],
-    ):
-        done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
-        if done.returncode != 0:
-            raise EngineError(f"{' '.join(argv)} failed:\n{done.stdout[-2000:]}{done.stderr}")
+    # One unreachable source fails `update` while Debian's own indexes are fine: go on,
+    # and show its output only if the install fails too.
+    update = subprocess.run(
+        ["apt-get", "update", "-q"], env=env, capture_output=True, text=True, timeout=900
+    )
+    argv = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        raise EngineError(
+            f"{' '.join(argv)} failed:\n{done.stdout[-2000:]}{done.stderr}\n"
+            f"apt-get update said:\n{update.stdout[-1000:]}{update.stderr}"
+        )
 
 
 def _dpkg_installed(package: str) -> bool:

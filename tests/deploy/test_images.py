@@ -294,7 +294,8 @@ def test_readme_flow_in_real_containers(built: Built, workdir: Path) -> None:
         assert engine.run("exec", api, "id", "-u").stdout.strip() == "10001"
         assert published_versions(workdir) == [1]
         assert versions_state(base_url) == {1: "ready"}
-        assert (predict(base_url)["model"], predict(base_url)["version"]) == (DEFAULT_MODEL, 1)
+        answer = predict(base_url)
+        assert (answer["model"], answer["version"]) == (DEFAULT_MODEL, 1)
 
         train = train_run_args(engine, workdir, trainer)
         say(f"docker {' '.join(train)}")
