@@ -43,7 +43,9 @@ class Service:
         await self.lifecycle.stop()
 
 
-def service_from(request: Request) -> Service:
+async def service_from(request: Request) -> Service:
+    """The routes' dependency. ``async`` on purpose: FastAPI runs a plain ``def``
+    dependency in its thread pool, one thread hop per request for a dictionary lookup."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         raise Unavailable("the service is not initialised", code="not_ready")

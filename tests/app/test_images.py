@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from app.backends import TorchBackend
 from app.images import ImageRejected, decode_image
-from app.inference import InferenceModel
-from wastenet.artifacts import load_version
+from tests.app.conftest import torch_model
 from wastenet.preprocess import eval_transform, normalize
 from wastenet.schema import Preprocessing
 
@@ -168,17 +168,18 @@ def test_pixel_limit_is_ours() -> None:
 
 
 def test_batched_inputs_equal_stacked_eval_transform(template_repo: Path) -> None:
-    loaded = load_version(template_repo / "waste-resnet18-cbam" / "1")
-    model = InferenceModel(loaded, torch.device("cpu"))
+    model = torch_model(template_repo / "waste-resnet18-cbam" / "1", max_batch_size=4)
+    assert isinstance(model.backend, TorchBackend)
     rng = np.random.default_rng(2)
     blobs = [
         encode(Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)), "PNG")
         for i in range(3)
     ]
-    decoded = [decode_image(b, "x.png", model.preprocessing, LIMIT).tensor for b in blobs]
-    batch = model.inputs(decoded)
+    decoded = [decode_image(b, "x.png", model.preprocessing, LIMIT).array for b in blobs]
+    batch = model.backend.normalise(model.stack(decoded))
     assert batch.is_contiguous(memory_format=torch.channels_last)
     expected = torch.stack(
         [eval_transform(model.preprocessing)(Image.open(io.BytesIO(b))) for b in blobs]
     )
-    assert torch.equal(batch, expected)
+    # uint8 * scale + bias instead of (uint8 / 255 - mean) / std: float rounding only.
+    assert torch.allclose(batch, expected, rtol=0, atol=1e-6)

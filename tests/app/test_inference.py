@@ -4,22 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from app.inference import InferenceItem, InferenceModel, warmup_batch_sizes
-from tests.app.conftest import MODEL
-from wastenet.artifacts import load_version
+from app.inference import InferenceItem, top_k, warmup_batch_sizes
+from tests.app.conftest import MODEL, torch_model
 
 
 def test_each_item_gets_its_own_top_k_and_batching_does_not_change_results(
     template_repo: Path,
 ) -> None:
-    model = InferenceModel(load_version(template_repo / MODEL / "1"), torch.device("cpu"))
-    generator = torch.Generator().manual_seed(0)
-    images = [
-        torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8, generator=generator) for _ in range(3)
-    ]
+    model = torch_model(template_repo / MODEL / "1", max_batch_size=4)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
     batch = model.predict(
         [InferenceItem(images[0], 1), InferenceItem(images[1], 5), InferenceItem(images[2], 12)]
     )
@@ -38,3 +36,23 @@ def test_warmup_batch_sizes_per_device() -> None:
     assert warmup_batch_sizes(1, torch.device("cpu")) == [1]
     assert warmup_batch_sizes(8, torch.device("cuda")) == [1, 2, 4, 8]
     assert warmup_batch_sizes(6, torch.device("cuda")) == [1, 2, 4, 6]
+
+
+def test_top_k_is_the_softmax_of_each_row_in_order() -> None:
+    logits = np.array([[0.0, 2.0, 1.0], [3.0, -1.0, 3.5]], dtype=np.float32)
+    rows = top_k(logits, [3, 1])
+    expected = torch.tensor(logits).double().softmax(dim=1)
+    assert [i for i, _ in rows[0]] == [1, 2, 0]
+    assert [p for _, p in rows[0]] == pytest.approx(expected[0, [1, 2, 0]].tolist(), abs=1e-12)
+    assert rows[1] == [(2, pytest.approx(float(expected[1, 2]), abs=1e-12))]
+
+
+def test_a_batch_larger_than_the_buffer_still_runs(template_repo: Path) -> None:
+    model = torch_model(template_repo / MODEL / "1", max_batch_size=2)
+    rng = np.random.default_rng(1)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(3)]
+    together = model.predict([InferenceItem(image, 2) for image in images])
+    alone = [model.predict([InferenceItem(image, 2)])[0] for image in images]
+    for got, want in zip(together, alone, strict=True):
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-5)

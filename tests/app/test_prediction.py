@@ -124,7 +124,9 @@ def test_file_results_keep_upload_order_and_name_each_class() -> None:
             top_k=[ClassScore(label="white_glass", class_index=11, confidence=0.5)],
         ),
     ]
-    body = PredictResponse(model=MODEL, version=3, predictions=results).model_dump(mode="json")
+    body = PredictResponse(
+        model=MODEL, version=3, backend="torch", precision="fp32", predictions=results
+    ).model_dump(mode="json")
     assert body["predictions"][1] == {
         "status": "error",
         "filename": "notes.txt",
