@@ -105,6 +105,8 @@ def test_predict_default_model_names_model_and_version(api: TestClient) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == MODEL and body["version"] == 2
+    # No exported file in this version: on CPU, torch fp32 answers.
+    assert body["backend"] == "torch" and body["precision"] == "fp32"
     [prediction] = body["predictions"]
     assert prediction["status"] == "ok" and prediction["filename"] == "a.jpg"
     assert prediction["label"] in CLASS_NAMES

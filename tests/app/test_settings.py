@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -133,3 +134,10 @@ def test_entry_point_checks_settings_and_lists_them(
     assert main(["--help-settings"]) == 0
     out = capsys.readouterr().out
     assert "WASTE_GRACEFUL_SHUTDOWN_S (default: 30)" in out
+
+
+def test_the_readme_lists_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("### Settings", 1)[1].split("\n###", 1)[0]
+    listed = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `WASTE_")}
+    assert listed == {f"WASTE_{field.upper()}" for field in Settings.model_fields}
