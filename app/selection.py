@@ -163,18 +163,14 @@ def _cpu_choices(settings: Settings, caps: Capabilities) -> list[Choice]:
                 "emulated, slower than fp32); use auto or fp32"
             )
         return [Choice("torch", "bf16")]
-    ort = [Choice("onnxruntime", "int8", vetted=precision == "auto")]
-    ort.append(Choice("onnxruntime", "fp32"))
+    int8 = Choice("onnxruntime", "int8", vetted=precision == "auto")
+    ort_fp32, torch_fp32 = Choice("onnxruntime", "fp32"), Choice("torch", "fp32")
     if precision == "int8":
-        ort = ort[:1]
-    elif precision == "fp32":
-        ort = ort[1:]
-    torch_fp32 = [Choice("torch", "fp32")]
+        return [int8]
     if backend == "torch":
-        return torch_fp32
-    if backend == "onnxruntime":
-        return ort
-    return ort if precision == "int8" else ort + torch_fp32
+        return [torch_fp32]
+    ort = [ort_fp32] if precision == "fp32" else [int8, ort_fp32]
+    return ort if backend == "onnxruntime" else [*ort, torch_fp32]
 
 
 def _cuda_choices(settings: Settings, caps: Capabilities) -> list[Choice]:
