@@ -157,7 +157,7 @@ class TorchBackend(Backend):
         return logits
 
     def run_network(self, x: Tensor) -> np.ndarray:
-        if self._graphs:
+        if self._graphs and x.shape[0] <= max(self._graphs):
             return self._replay(x)
         context = (
             torch.autocast("cpu", dtype=torch.bfloat16)
