@@ -63,20 +63,22 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s states. Tensors are read on the CPU: torch and numpy
+    accept only CPU byte tensors, wherever the checkpoint was mapped to."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     npst = state["numpy"]
     np.random.set_state(
         {
             "bit_generator": npst["bit_generator"],
-            "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+            "state": {"key": npst["key"].cpu().numpy().astype(np.uint32), "pos": npst["pos"]},
             "has_gauss": npst["has_gauss"],
             "gauss": npst["gauss"],
         }
     )
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:

@@ -205,8 +205,8 @@ class TrainConfig(BaseModel):
     device: str = Field(default="auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
     amp: AmpMode = Field(
         default="auto",
-        description="mixed precision on CUDA: auto picks bf16 where supported, else fp16 "
-        "with a gradient scaler; CPU always runs float32",
+        description="mixed precision on CUDA: auto picks bf16 on compute capability 8.0+ "
+        "(Ampere and newer), else fp16 with a gradient scaler; CPU always runs float32",
     )
     channels_last: bool = Field(
         default=True, description="channels-last memory layout on CUDA (ignored on CPU)"

@@ -127,13 +127,22 @@ def seed_everything(seed: int) -> None:
 
 
 def amp_settings(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether a GradScaler is needed). CPU runs float32."""
+    """(autocast dtype or None, whether a GradScaler is needed). CPU runs float32.
+
+    bf16 only on compute capability 8.0+: ``torch.cuda.is_bf16_supported()`` also says yes
+    on a T4 (7.5), where bfloat16 is emulated and slower than fp16 with a scaler.
+    """
     if device.type != "cuda" or mode == "off":
         return None, False
-    bf16_ok = torch.cuda.is_bf16_supported()
-    if mode == "bf16" and not bf16_ok:
-        raise ConfigError(f"amp='bf16' but {torch.cuda.get_device_name(device)} lacks bfloat16")
-    if mode == "bf16" or (mode == "auto" and bf16_ok):
+    capability = torch.cuda.get_device_capability(device)
+    native_bf16 = capability >= (8, 0)
+    if mode == "bf16" and not native_bf16:
+        raise ConfigError(
+            f"amp='bf16' but {torch.cuda.get_device_name(device)} (compute capability "
+            f"{capability[0]}.{capability[1]}) has no native bfloat16 (needs 8.0+); use "
+            "--amp fp16 or auto"
+        )
+    if mode == "bf16" or (mode == "auto" and native_bf16):
         return torch.bfloat16, False
     return torch.float16, True
 
@@ -461,7 +470,9 @@ def initial_state(setup: RunSetup, log: RunLog) -> RunState:
     path = setup.resume_from
     if path is None:
         return RunState()
-    last = LastCheckpoint.load(path, map_location=setup.device)
+    # On the CPU: the RNG states must stay there (torch.set_rng_state and numpy take CPU
+    # tensors only); load_state_dict copies the weights onto the device.
+    last = LastCheckpoint.load(path, map_location="cpu")
     setup.model.load_state_dict(last.model)
     if setup.ema is not None:
         if last.ema is None:

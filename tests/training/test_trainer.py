@@ -7,17 +7,20 @@ import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from PIL import Image
 
 from tests.training.train_helpers import make_data, one_thread
-from training.checkpoint import load_checkpoint
+from training import trainer
+from training.checkpoint import BestEpoch, LastCheckpoint, load_checkpoint, rng_state, set_rng_state
 from training.cli import main
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.data import DataSplits
 from wastenet.artifacts import config_digest, load_version
+from wastenet.classes import CLASS_NAMES
 from wastenet.nets import ModelConfig, build_model
 from wastenet.preprocess import eval_transform
 
@@ -217,3 +220,47 @@ def test_publish_command_adds_the_next_version(run: dict[str, Path]) -> None:
     meta = load_version(run["repo"] / NAME / "2").metadata
     assert meta.description == "second copy"
     assert meta.model_extra is not None and meta.model_extra["training"]["best_epoch"] >= 1
+
+
+def test_amp_auto_picks_bf16_only_on_compute_capability_8(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")
+    # A T4 says yes to is_bf16_supported() (emulated), but has compute capability 7.5.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert trainer.amp_settings("auto", cuda) == (torch.float16, True)
+    assert trainer.amp_settings("fp16", cuda) == (torch.float16, True)
+    with pytest.raises(ConfigError, match=r"Tesla T4 \(compute capability 7.5\) has no native"):
+        trainer.amp_settings("bf16", cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert trainer.amp_settings("auto", cuda) == (torch.bfloat16, False)
+    assert trainer.amp_settings("off", cuda) == (None, False)
+    assert trainer.amp_settings("auto", torch.device("cpu")) == (None, False)
+
+
+def test_resume_on_a_gpu_keeps_the_rng_states_on_the_cpu(tmp_path: Path) -> None:
+    # A CUDA run resumes: the checkpoint must not be mapped to the GPU, or the RNG states
+    # land there and torch.set_rng_state / numpy refuse them. Here "cuda" is only a name
+    # (on a machine without a GPU, mapping to it fails outright).
+    net = build_model(ModelConfig(cbam="none"))
+    config = TrainConfig(model=ModelConfig(cbam="none"))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    last = LastCheckpoint(
+        config=config, class_names=CLASS_NAMES, epoch=2, model=net.state_dict(), best=BestEpoch(),
+        stage=1, ema=None, optimizer={}, scheduler={}, scaler=None,
+        history={"epochs": [], "iterations": []}, rng=rng_state(),
+    )  # fmt: skip
+    last.save(tmp_path / "last.pt")
+    torch.manual_seed(0)
+    setup = SimpleNamespace(
+        resume_from=tmp_path / "last.pt", device=torch.device("cuda"), model=net, ema=None,
+        scaler=None,
+    )  # fmt: skip
+    state = trainer.initial_state(setup, lambda _m: None)  # type: ignore[arg-type]
+    assert state.resumed is not None and state.epochs_done == 2
+    assert state.resumed.rng["torch"].device.type == "cpu"
+    set_rng_state(state.resumed.rng)
+    assert torch.equal(torch.rand(3), expected)
