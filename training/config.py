@@ -177,8 +177,9 @@ class TrainConfig(BaseModel):
         default=None,
         gt=0,
         lt=1,
-        description="keep an exponential moving average of the weights (e.g. 0.999); "
-        "validation, test and the published model then use the average",
+        description="keep an exponential moving average of the weights (e.g. 0.999), its "
+        "decay warmed up as min(decay, (1+n)/(10+n)) after n steps; every epoch validates "
+        "the raw and the averaged weights and keeps whichever scores better",
     )
     grad_clip_norm: float | None = Field(
         default=None, gt=0, description="clip the global gradient norm to this"
@@ -189,6 +190,17 @@ class TrainConfig(BaseModel):
     )
     best_metric: BestMetric = Field(
         default="val_macro_f1", description="validation metric that picks the best checkpoint"
+    )
+    early_stop_patience: int | None = Field(
+        default=None,
+        ge=1,
+        description="end a stage after this many epochs without improving best_metric (by "
+        "more than early_stop_min_delta); the next stage follows, or the run ends",
+    )
+    early_stop_min_delta: float = Field(
+        default=0.0,
+        ge=0,
+        description="early stopping: the smallest change of best_metric that counts as better",
     )
     seed: int = Field(default=0, ge=0, description="seed for splitting, initialisation and order")
     deterministic: bool = Field(

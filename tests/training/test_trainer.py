@@ -8,17 +8,26 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
-from tests.training.train_helpers import make_data, one_thread
+from tests.training.train_helpers import make_data, one_thread, tiny_config
 from training import trainer
-from training.checkpoint import BestEpoch, LastCheckpoint, load_checkpoint, rng_state, set_rng_state
+from training.checkpoint import (
+    BestCheckpoint,
+    BestEpoch,
+    LastCheckpoint,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from training.cli import main
 from training.config import ConfigError, TrainConfig
 from training.data import DataSplits
+from training.trainer import train
 from wastenet.artifacts import config_digest, load_version
 from wastenet.classes import CLASS_NAMES
 from wastenet.nets import ModelConfig, build_model
@@ -220,6 +229,96 @@ def test_publish_command_adds_the_next_version(run: dict[str, Path]) -> None:
     meta = load_version(run["repo"] / NAME / "2").metadata
     assert meta.description == "second copy"
     assert meta.model_extra is not None and meta.model_extra["training"]["best_epoch"] >= 1
+
+
+# ----------------------------------------------------------------- the loop's decisions
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("small"), images_per_class=6, size=40)
+
+
+def _script_validation(
+    monkeypatch: pytest.MonkeyPatch, f1: dict[str, list[float]]
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Validation answers macro-F1 ``f1[kind][i]`` in its i-th call for ``kind`` (raw, ema,
+    or "" without EMA), with matching loss and accuracy; the test split is evaluated for
+    real. Returns the state dict of each network validated, per kind."""
+    real = trainer.evaluate
+    calls: dict[str, list[dict[str, torch.Tensor]]] = {kind: [] for kind in f1}
+
+    def scripted(model: torch.nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        out = real(model, *args, **kwargs)
+        desc = kwargs["desc"]
+        if desc.startswith("validate"):
+            kind = desc.removeprefix("validate").strip()
+            value = f1[kind][len(calls[kind])]
+            calls[kind].append({k: v.clone() for k, v in model.state_dict().items()})
+            out.update(macro_f1=value, accuracy=value, loss=1.0 - value)
+        return out
+
+    monkeypatch.setattr(trainer, "evaluate", scripted)
+    return calls
+
+
+def test_ema_and_raw_weights_are_both_validated_and_the_better_is_kept(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _script_validation(monkeypatch, {"raw": [0.3, 0.25, 0.35], "ema": [0.2, 0.4, 0.1]})
+    config = tiny_config(
+        small_data, tmp_path / "run", strategy="differential", epochs=3, ema_decay=0.999,
+        publish_repo=str(tmp_path / "models"), publish_name="ema-test",
+    )  # fmt: skip
+    result = train(config, log=lambda _m: None)
+
+    epochs = result.history["epochs"]
+    assert [e["weights"] for e in epochs] == ["raw", "ema", "raw"]
+    assert [e["val_macro_f1"] for e in epochs] == [0.3, 0.4, 0.35]
+    assert [e["raw_val_macro_f1"] for e in epochs] == [0.3, 0.25, 0.35]
+    assert [e["ema_val_macro_f1"] for e in epochs] == [0.2, 0.4, 0.1]
+    assert result.best_epoch == 2
+    # best.pt holds the EMA network exactly as validated in epoch 2, and says so.
+    best = BestCheckpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best.best.weights == "ema" and best.epoch == 2
+    validated = calls["ema"][1]
+    assert best.model.keys() == validated.keys()
+    for name, tensor in validated.items():
+        assert torch.equal(best.model[name], tensor), name
+    assert not torch.equal(best.model["fc.weight"], calls["raw"][1]["fc.weight"])
+    assert result.metrics is not None and result.metrics["weights"] == "ema"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_epoch"] == 2
+    meta = load_version(tmp_path / "models" / "ema-test" / "1").metadata
+    assert meta.model_extra is not None
+    assert meta.model_extra["training"]["best"]["weights"] == "ema"
+
+
+def test_early_stopping_ends_each_stage_on_its_own_patience(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stage 1 stalls after one epoch and gives way to stage 3 (stage 2 has no epochs). Stage
+    # 3 starts below stage 1's best but improves on its own, then stalls: the run ends
+    # before its seventh epoch.
+    _script_validation(monkeypatch, {"": [0.3, 0.2, 0.25, 0.28, 0.27, 0.9]})
+    settings: dict[str, Any] = {
+        "strategy": "three_stage", "stage_epochs": (3, 0, 4), "early_stop_patience": 1,
+    }  # fmt: skip
+    lines: list[str] = []
+
+    def stop_after_two(record: dict[str, Any]) -> None:
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    config = tiny_config(small_data, tmp_path / "run", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, log=lines.append, on_epoch_end=stop_after_two)
+    # The resumed run makes the same decision from the saved history.
+    result = train(config, resume=tmp_path / "run", log=lines.append)
+    assert [e["epoch"] for e in result.history["epochs"]] == [1, 2, 4, 5, 6]
+    assert [e["stage"] for e in result.history["epochs"]] == [1, 1, 3, 3, 3]
+    assert result.stopped_early and result.best_epoch == 1
+    assert any("stage 1 ends after epoch 2" in line for line in lines)
+    assert any("the run ends after epoch 6" in line for line in lines)
 
 
 def test_amp_auto_picks_bf16_only_on_compute_capability_8(monkeypatch: pytest.MonkeyPatch) -> None:
