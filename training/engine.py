@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,7 @@ from training.distributed import DistContext, all_gather_objects, all_reduce_sum
 from training.strategies import set_train_mode
 
 SINGLE = DistContext(0, 1, 0, torch.device("cpu"), None)
+BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 ParamList = list[Tensor] | tuple[Tensor, ...]
 
 
@@ -85,8 +86,12 @@ def train_one_epoch(
     desc: str = "train",
     log_every: int = 10,
     deadline: float | None = None,
+    batch_transform: BatchTransform | None = None,
 ) -> dict[str, Any]:
     """One pass over ``loader``; ``scheduler`` (if given) steps after every optimizer step.
+
+    ``batch_transform`` (mixup/cutmix) turns a batch and its labels into mixed images and
+    soft targets for the loss; accuracy still counts against the original labels.
 
     ``deadline`` (a ``time.monotonic()`` value) cuts the epoch short after the step that
     passes it; ``steps`` in the result says how many ran.
@@ -104,9 +109,12 @@ def train_one_epoch(
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step, (images, targets) in enumerate(bar):
         images, targets = _to_device(images, targets, device, channels_last)
+        soft = targets
+        if batch_transform is not None:
+            images, soft = batch_transform(images, targets)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
-            loss = criterion(logits, targets)
+            loss = criterion(logits, soft)
 
         _optimizer_step(loss, model, optimizer, scaler, grad_clip_norm)
         if scheduler is not None:

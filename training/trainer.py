@@ -37,7 +37,7 @@ from torch.optim import Optimizer
 from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from training.augment import train_transform
+from training.augment import batch_transform, train_transform
 from training.checkpoint import (
     BestCheckpoint,
     BestEpoch,
@@ -58,7 +58,7 @@ from training.distributed import (
     wrap_model,
 )
 from training.early_stop import improves, stage_exhausted
-from training.engine import build_ema, evaluate, train_one_epoch
+from training.engine import BatchTransform, build_ema, evaluate, train_one_epoch
 from training.loaders import (
     auto_num_workers,
     build_eval_loader,
@@ -234,6 +234,7 @@ class RunSetup:
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     channels_last: bool
+    batch_transform: BatchTransform | None  # mixup/cutmix, on the device
 
     @property
     def device(self) -> torch.device:
@@ -307,6 +308,7 @@ def setup_run(config: TrainConfig, ctx: DistContext, resume: Path | None, log: R
         amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
         channels_last=channels_last,
+        batch_transform=batch_transform(config.augment, len(splits.class_names)),
     )
 
 
@@ -607,6 +609,7 @@ def _train_epoch(
         log_every=config.log_every,
         # Ranks must run the same number of steps, so DDP stops only between epochs.
         deadline=None if setup.ctx.distributed else deadline,
+        batch_transform=setup.batch_transform,
     )
     return {**result, "lr_start": lr_start}
 

@@ -100,6 +100,38 @@ def test_ema_decay_warms_up_so_short_runs_average_recent_weights() -> None:
     assert _ema_after(200, 0.5) == pytest.approx(199.0, abs=1e-3)
 
 
+def test_train_one_epoch_mixes_batches_but_counts_accuracy_on_true_labels() -> None:
+    torch.manual_seed(0)
+    model = Tiny()
+    seen: list[torch.Tensor] = []
+
+    class Recording(nn.Module):
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            seen.append(target)
+            return nn.functional.cross_entropy(logits, target)
+
+    def mix(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        onehot = nn.functional.one_hot(y, 3).float()
+        return 0.7 * x + 0.3 * x.flip(0), 0.7 * onehot + 0.3 * onehot.flip(0)
+
+    data = _data(16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay: accuracy known
+    out = train_one_epoch(
+        model, DataLoader(data, batch_size=8), Recording(), optimizer, CPU,
+        batch_transform=mix,
+    )  # fmt: skip
+    x, y = data.tensors
+    with torch.no_grad():  # the mixed images' predictions against the images' own labels
+        mixed = torch.cat([mix(x[i : i + 8], y[i : i + 8])[0] for i in (0, 8)])
+        expected = (model(mixed).argmax(1) == y).float().mean().item()
+        wrong = (model(mixed).argmax(1) == y.flip(0)).float().mean().item()
+    assert out["accuracy"] == pytest.approx(expected) and expected != wrong
+    # The mixed soft targets, not the labels, reached the loss.
+    assert len(seen) == 2
+    for i, target in zip((0, 8), seen, strict=True):
+        assert torch.equal(target, mix(x[i : i + 8], y[i : i + 8])[1])
+
+
 def test_evaluate_matches_a_direct_computation() -> None:
     torch.manual_seed(0)
     model = Tiny()
