@@ -68,8 +68,9 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path: Path)
 
 def test_augmentation_and_early_stopping_options_are_flags() -> None:
     config = _config(["--aug-policy", "randaugment", "--aug-randaugment-magnitude", "12",
-                      "--aug-erasing", "0.25", "--aug-mixup-alpha", "0.2", "--aug-cutmix-alpha",
-                      "1", "--early-stop-patience", "3", "--early-stop-min-delta", "0.01"])  # fmt: skip
+                      "--aug-erasing", "0.25", "--aug-mixup-alpha", "0.2",
+                      "--aug-cutmix-alpha", "1", "--early-stop-patience", "3",
+                      "--early-stop-min-delta", "0.01"])  # fmt: skip
     aug = config.augment
     assert (aug.policy, aug.randaugment_magnitude, aug.erasing) == ("randaugment", 12, 0.25)
     assert (aug.mixup_alpha, aug.cutmix_alpha) == (0.2, 1.0)
