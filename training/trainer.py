@@ -465,11 +465,23 @@ class RunState:
         return True
 
 
+def _losses(config: TrainConfig) -> dict[str, str]:
+    """What history's train_loss and val_loss are, for the plots' labels."""
+    train = ["cross-entropy"]
+    if config.label_smoothing > 0:
+        train.append(f"label smoothing {config.label_smoothing:g}")
+    if config.weighted_loss:
+        train.append("class-weighted")
+    if config.augment.mixup_alpha > 0 or config.augment.cutmix_alpha > 0:
+        train.append("mixed targets")
+    return {"train": ", ".join(train), "val": "cross-entropy"}
+
+
 def initial_state(setup: RunSetup, log: RunLog) -> RunState:
     """A fresh state, or the one in ``last.pt`` with the weights, EMA and scaler it saved."""
     path = setup.resume_from
     if path is None:
-        return RunState()
+        return RunState(history={"epochs": [], "iterations": [], "losses": _losses(setup.config)})
     # On the CPU: the RNG states must stay there (torch.set_rng_state and numpy take CPU
     # tensors only); load_state_dict copies the weights onto the device.
     last = LastCheckpoint.load(path, map_location="cpu")

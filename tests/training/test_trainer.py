@@ -273,6 +273,10 @@ def test_ema_and_raw_weights_are_both_validated_and_the_better_is_kept(
     result = train(config, log=lambda _m: None)
 
     epochs = result.history["epochs"]
+    assert result.history["losses"] == {
+        "train": "cross-entropy, label smoothing 0.1",
+        "val": "cross-entropy",
+    }
     assert [e["weights"] for e in epochs] == ["raw", "ema", "raw"]
     assert [e["val_macro_f1"] for e in epochs] == [0.3, 0.4, 0.35]
     assert [e["raw_val_macro_f1"] for e in epochs] == [0.3, 0.25, 0.35]
