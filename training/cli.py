@@ -307,8 +307,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from training.distributed import resolve_device
-    from training.predict import find_images, load_predictor, predict_images, write_predictions
+    from training.predict import (
+        check_output_path,
+        find_images,
+        load_predictor,
+        predict_images,
+        write_predictions,
+    )
 
+    check_output_path(args.out)  # before minutes of inference, not after
     predictor = load_predictor(args.source, resolve_device(args.device))
     paths = find_images(args.images)
     if not paths:
