@@ -27,6 +27,7 @@ from training.checkpoint import (
 from training.cli import main
 from training.config import ConfigError, TrainConfig
 from training.data import DataSplits
+from training.publish import default_description
 from training.trainer import train
 from wastenet.artifacts import config_digest, load_version
 from wastenet.classes import CLASS_NAMES
@@ -154,6 +155,7 @@ def test_published_version_predicts_like_the_trained_model(run: dict[str, Path])
     config = json.loads((run["run"] / "config.json").read_text())
     assert meta.training_config_digest == config_digest(config)
     assert "differential" in meta.description
+    assert "trained from scratch" in meta.description and "fine-tuned" not in meta.description
 
     transform = eval_transform(meta.preprocessing)
     splits = DataSplits.load(run["run"] / "splits.json")
@@ -367,3 +369,11 @@ def test_resume_on_a_gpu_keeps_the_rng_states_on_the_cpu(tmp_path: Path) -> None
     assert state.resumed.rng["torch"].device.type == "cpu"
     set_rng_state(state.resumed.rng)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_default_description_says_how_the_backbone_started() -> None:
+    metrics = {"accuracy": 0.5, "macro_f1": 0.4, "num_samples": 10}
+    scratch = default_description(TrainConfig(pretrained=False, data_dir=Path("d")), metrics)
+    tuned = default_description(TrainConfig(data_dir=Path("d")), metrics)
+    assert "trained from scratch" in scratch and "fine-tuned" not in scratch
+    assert "fine-tuned from ImageNet weights" in tuned
