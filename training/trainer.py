@@ -715,7 +715,7 @@ def finish_run(setup: RunSetup, state: RunState, log: RunLog) -> RunResult:
     version = None
     if setup.ctx.is_main:
         metrics = _write_reports(setup, state, test, log)
-        version = _publish(setup.config, setup.run_dir, log)
+        version = _publish(setup, log)
     barrier(setup.ctx)
     assert state.best.value is not None  # best.pt exists, so some epoch improved
     return RunResult(
@@ -730,12 +730,31 @@ def finish_run(setup: RunSetup, state: RunState, log: RunLog) -> RunResult:
     )
 
 
-def _publish(config: TrainConfig, run_dir: Path, log: RunLog) -> VersionRef | None:
+def _provenance(setup: RunSetup) -> dict[str, Any]:
+    """Where the run's data came from, for metrics.json and model.json."""
+    config = setup.config
+    source = config.splits_file or config.data_dir
+    return setup.splits.provenance(
+        source=str(Path(source).resolve()) if source is not None else setup.splits.root,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        splits_file=str((setup.run_dir / "splits.json").resolve()),
+    ).model_dump()
+
+
+def _publish(setup: RunSetup, log: RunLog) -> VersionRef | None:
+    config, run_dir = setup.config, setup.run_dir
     if config.publish_repo is None:
         return None
     from training.publish import publish_run
 
-    version = publish_run(run_dir, config.publish_repo, config.publish_name, config.description)
+    version = publish_run(
+        run_dir,
+        config.publish_repo,
+        config.publish_name,
+        config.description,
+        extra={"data": _provenance(setup)},
+    )
     log(f"published {version.name} version {version.version} at {version.path}")
     return version
 
@@ -772,6 +791,8 @@ def _write_reports(
     metrics["split"] = "test"
     metrics["best_epoch"] = best.epoch
     metrics["weights"] = best.weights  # raw or ema: the weights in best.pt and published
+    metrics["data"] = _provenance(setup)
+    metrics["held_out"] = True  # the run's own test split
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(format_metrics_table(metrics))
     if setup.config.plots:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -183,6 +184,78 @@ def test_evaluate_command_reproduces_the_test_metrics(run: dict[str, Path], tmp_
     assert main(["evaluate", str(run["run"]), "--split", "val", "--out", str(tmp_path / "v"),
                  "--device", "cpu"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "v" / "metrics-val.json").read_text())["split"] == "val"
+
+
+@pytest.mark.slow
+def test_published_version_records_where_its_data_came_from(run: dict[str, Path]) -> None:
+    meta = load_version(run["repo"] / NAME / "1").metadata
+    splits = DataSplits.load(run["run"] / "splits.json")
+    assert meta.data is not None
+    assert (meta.data.source, meta.data.root) == (str(run["data"].resolve()), splits.root)
+    assert (meta.data.seed, meta.data.val_fraction, meta.data.test_fraction) == (0, 0.15, 0.15)
+    assert meta.data.split_digests == {s: splits.digest(s) for s in ("train", "val", "test")}
+    assert meta.data.splits_digest == splits.digest()
+    assert meta.data.counts == {"train": len(splits.train), "val": 60, "test": 60}
+    assert meta.data.splits_file == str((run["run"] / "splits.json").resolve())
+    metrics = json.loads((run["run"] / "metrics.json").read_text())
+    assert metrics["data"]["splits_digest"] == splits.digest() and metrics["held_out"] is True
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_images_the_version_was_trained_on(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version, data = str(run["repo"] / NAME / "1"), str(run["data"])
+    # Another seed splits the same folder differently: its test split holds training images.
+    argv = ["evaluate", version, "--data", data, "--seed", "1", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "s1")]) == 2
+    assert "of the 60 evaluation images were training images of" in capsys.readouterr().err
+    assert not (tmp_path / "s1").exists()
+    assert main([*argv, "--out", str(tmp_path / "s1"), "--allow-overlap"]) == 0
+    assert "NOT HELD OUT" in capsys.readouterr().out
+    forced = json.loads((tmp_path / "s1" / "metrics.json").read_text())
+    assert forced["held_out"] is False and forced["overlap"]["train"] > 0
+    # Without --seed the training seed is used: the held-out test split, the run's numbers.
+    assert main(["evaluate", version, "--data", data, "--device", "cpu",
+                 "--out", str(tmp_path / "s0")]) == 0  # fmt: skip
+    held = json.loads((tmp_path / "s0" / "metrics.json").read_text())
+    want = json.loads((run["run"] / "metrics.json").read_text())
+    assert held["held_out"] is True and held["overlap"] == {"train": 0, "val": 0}
+    assert held["data"]["seed"] == 0 and held["confusion_matrix"] == want["confusion_matrix"]
+
+
+@pytest.mark.slow
+def test_evaluate_without_known_training_files_warns(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A version whose model.json records no data and whose run directory is gone.
+    copy = tmp_path / "models" / NAME / "1"
+    shutil.copytree(run["repo"] / NAME / "1", copy)
+    meta = json.loads((copy / "model.json").read_text())
+    del meta["data"]
+    meta["training"]["run_dir"] = str(tmp_path / "gone")
+    (copy / "model.json").write_text(json.dumps(meta))
+    assert main(["evaluate", str(copy), "--data", str(run["data"]), "--device", "cpu",
+                 "--out", str(tmp_path / "e")]) == 0  # fmt: skip
+    assert "WARNING: cannot tell whether these 60 images were held out" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["held_out"] is None
+
+
+@pytest.mark.slow
+def test_evaluate_run_leaves_the_training_metrics_alone(
+    run: dict[str, Path], tmp_path: Path
+) -> None:
+    before = (run["run"] / "metrics.json").read_text()
+    assert main(["evaluate", str(run["run"]), "--device", "cpu"]) == 0
+    assert (run["run"] / "metrics.json").read_text() == before
+    assert "best_epoch" in json.loads(before)
+    again = json.loads((run["run"] / "eval-test" / "metrics.json").read_text())
+    assert again["held_out"] is True
+    assert again["confusion_matrix"] == json.loads(before)["confusion_matrix"]
+    assert (run["run"] / "eval-test" / "plots" / "epoch_curves.png").is_file()
+    # Pointed at the run directory itself, it refuses rather than replace them.
+    assert main(["evaluate", str(run["run"]), "--out", str(run["run"]), "--device", "cpu"]) == 2
+    assert (run["run"] / "metrics.json").read_text() == before
 
 
 @pytest.mark.slow
