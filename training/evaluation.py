@@ -11,6 +11,8 @@ warning and ``held_out: null``.
 
 Evaluating a run directory writes into ``<run>/eval-<split>/``: the run's own
 ``metrics.json`` (test metrics of the best epoch, with ``best_epoch``) is never replaced.
+Only a run that stopped before its test evaluation gets its ``metrics.json`` written (its
+own test split), so that it can be published.
 """
 
 from __future__ import annotations
@@ -176,17 +178,31 @@ def check_held_out(
     return record
 
 
-def _output_dir(source: Path, out_dir: Path | None, split: str) -> tuple[Path, str]:
-    """(folder, file name) for the metrics; never a training run's own metrics.json."""
+def _output_dir(
+    source: Path, out_dir: Path | None, split: str, own_test_split: bool
+) -> tuple[Path, str]:
+    """(folder, file name) for the metrics; never a training run's own metrics.json. A run
+    that stopped before its test evaluation gets it: its own test split, into its own
+    metrics.json (what ``publish`` reads)."""
     run_dir = _run_dir_of(source)
-    out = out_dir or (run_dir / f"eval-{split}" if run_dir is not None else Path("eval"))
     name = "metrics.json" if split == "test" else f"metrics-{split}.json"
+    completes_run = out_dir is None and run_dir is not None and own_test_split
+    if completes_run and run_dir is not None and not (run_dir / name).is_file():
+        return run_dir, name
+    out = out_dir or (run_dir / f"eval-{split}" if run_dir is not None else Path("eval"))
     existing = out / name
     if existing.is_file() and "best_epoch" in json.loads(existing.read_text()):
         raise ConfigError(
             f"{existing} holds a training run's test metrics; choose another --out folder"
         )
     return out, name
+
+
+def _best_epoch(run_dir: Path) -> dict[str, Any]:
+    from training.checkpoint import BestCheckpoint
+
+    best = BestCheckpoint.load(run_dir / "checkpoints" / "best.pt")
+    return {"best_epoch": best.epoch, "weights": best.best.weights}
 
 
 def evaluate_source(
@@ -217,7 +233,8 @@ def evaluate_source(
         raise ConfigError(f"the {split} split has no images")
     files = [f for name in names for f in splits.relative_paths(name)]
     held_out = check_held_out(files, trained, source, allow_overlap, log)
-    out, name = _output_dir(source, out_dir, split)
+    own_test_split = data_dir is None and splits_file is None and split == "test"
+    out, name = _output_dir(source, out_dir, split, own_test_split)
 
     dev = resolve_device(device)
     predictor = load_predictor(source, dev)
@@ -236,6 +253,8 @@ def evaluate_source(
     digest = splits.digest(split) if split != "all" else splits.digest()
     data = {"source": data_source, "root": splits.root, "seed": splits.seed, "digest": digest}
     metrics.update(split=split, source=str(source), data=data, **held_out)
+    if out == _run_dir_of(source) and name == "metrics.json":
+        metrics.update(_best_epoch(out))  # as training would have written it
 
     out.mkdir(parents=True, exist_ok=True)
     (out / name).write_text(json.dumps(metrics, indent=2) + "\n")

@@ -176,7 +176,9 @@ def test_a_run_directory_with_flat_preprocessing_keys_evaluates_publishes_and_re
         payload["config"] = _flat_preprocessing(payload["config"])
         save_checkpoint(run / "checkpoints" / name, payload)
 
+    # The run stopped before its test evaluation: evaluate writes the run's metrics.json.
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == 1
     assert main(["publish", str(run), "--repo", str(tmp_path / "models"), "--name", "old"]) == 0
     meta = load_version(tmp_path / "models" / "old" / "1").metadata
     assert (meta.preprocessing.input_size, meta.preprocessing.resize_size) == (32, 36)
