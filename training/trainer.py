@@ -562,7 +562,7 @@ def _next_epoch(setup: RunSetup, state: RunState, stages: list[Stage], log: RunL
         return epoch
     stage = stage_at(stages, epoch - 1)
     patience, min_delta = config.early_stop_patience, config.early_stop_min_delta
-    if not stage_exhausted(
+    if epoch == stage.end_epoch or not stage_exhausted(
         state.history["epochs"], stage.index, config.best_metric, patience, min_delta
     ):
         return epoch
