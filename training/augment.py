@@ -64,8 +64,8 @@ class AugmentConfig(BaseModel):
 
     policy: Literal["none", "randaugment", "trivialaugment"] = Field(
         default="none",
-        description="Automatic augmentation policy after the flips (torchvision's RandAugment "
-        "or TrivialAugmentWide); none = off.",
+        description="Automatic augmentation policy, after the steps above (torchvision's "
+        "RandAugment or TrivialAugmentWide); none = off.",
     )
     randaugment_ops: int = Field(
         default=2, ge=1, le=10, description="RandAugment: operations applied to each image."

@@ -206,7 +206,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         dest="pretrained",
         action="store_false",
         default=argparse.SUPPRESS,
-        help="train from random weights (no ImageNet initialisation)",
+        help="train from random weights (no ImageNet initialisation); the strategy then "
+        "defaults to differential and the backbone and attention LRs to 1e-3",
     )
     for name, info in ModelConfig.model_fields.items():
         if name == "num_classes":
