@@ -2,7 +2,9 @@
 
 The serving layout is what decoding produces: ``(n, H, W, 3)`` uint8, stacked by the
 caller into the backend's :meth:`Backend.host_buffer` (pinned memory on CUDA). Each
-backend normalises it once, straight into the dtype and layout its network wants:
+backend normalises it once, straight into the dtype and layout its network wants (and
+:meth:`Backend.forward_mixed` takes some rows already normalised, for clients that send the
+network input itself):
 
 - :class:`TorchBackend`: a preallocated channels_last float buffer, which *is* NHWC in
   memory, so normalising is one pass over contiguous rows (scale and bias tiled across a
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,15 @@ class Backend(ABC):
     @abstractmethod
     def forward(self, batch: np.ndarray) -> np.ndarray:
         """uint8 ``(n, H, W, 3)`` -> float32 logits ``(n, classes)``; one batch at a time."""
+
+    @abstractmethod
+    def forward_mixed(self, batch: np.ndarray, inputs: Mapping[int, np.ndarray]) -> np.ndarray:
+        """``forward(batch)``, except that row ``i`` of the network input is ``inputs[i]``.
+
+        ``inputs`` holds rows that arrive already normalised (float32 ``(3, H, W)``, the
+        network input itself); their rows of ``batch`` are normalised and then overwritten,
+        which costs less than a second code path for a batch that mixes both kinds.
+        """
 
     def warm(self, batch_sizes: list[int]) -> None:
         """Run every batch size once, so that the first requests do not pay set-up costs."""
@@ -155,6 +167,13 @@ class TorchBackend(Backend):
         with torch.inference_mode():
             logits = self.run_network(self.normalise(batch))
         return logits
+
+    def forward_mixed(self, batch: np.ndarray, inputs: Mapping[int, np.ndarray]) -> np.ndarray:
+        with torch.inference_mode():
+            x = self.normalise(batch)
+            for row, values in inputs.items():
+                x[row].copy_(torch.from_numpy(values))  # strided copy into channels_last
+            return self.run_network(x)
 
     def run_network(self, x: Tensor) -> np.ndarray:
         if self._graphs and x.shape[0] <= max(self._graphs):
@@ -279,6 +298,12 @@ class OrtBackend(Backend):
 
     def forward(self, batch: np.ndarray) -> np.ndarray:
         return self.run_network(self.normalise(batch))
+
+    def forward_mixed(self, batch: np.ndarray, inputs: Mapping[int, np.ndarray]) -> np.ndarray:
+        x = self.normalise(batch)
+        for row, values in inputs.items():
+            x[row] = values
+        return self.run_network(x)
 
     def run_network(self, x: np.ndarray) -> np.ndarray:
         logits: np.ndarray = self.session.run([self.output_name], {self.input_name: x})[0]

@@ -54,10 +54,20 @@ def warmup_batch_sizes(max_batch_size: int, device: torch.device) -> list[int]:
 
 @dataclass(frozen=True)
 class InferenceItem:
-    """One image for the batcher: uint8 (H, W, 3) and how many classes to return."""
+    """One image for the batcher, and how many classes to return.
+
+    ``image`` is either what decoding produces, uint8 ``(H, W, 3)``, or the network input
+    itself, already normalised: float32 ``(3, H, W)`` (the Open Inference Protocol's FP32
+    input). Both kinds share one batcher, so they share its batches, queue bound and
+    metrics; a batch that mixes them costs one extra row copy per normalised item.
+    """
 
     image: np.ndarray
     top_k: int
+
+    @property
+    def normalised(self) -> bool:
+        return bool(self.image.dtype == np.float32)
 
 
 TopK = list[tuple[int, float]]  # (class index, probability), most likely first
@@ -96,6 +106,8 @@ class InferenceModel:
         self.fallbacks = list(fallbacks)  # faster choices skipped for this version, and why
         self.max_batch_size = max_batch_size
         self._batch = backend.host_buffer(max_batch_size)
+        size = self.preprocessing.input_size
+        self._blank = np.zeros((size, size, 3), dtype=np.uint8)
 
     @property
     def num_classes(self) -> int:
@@ -110,7 +122,13 @@ class InferenceModel:
 
     def predict(self, items: Sequence[InferenceItem]) -> list[TopK]:
         """Forward one batch; runs on the inference thread (the batcher's ``process``)."""
-        logits = self.backend.forward(self.stack([item.image for item in items]))
+        inputs = {row: item.image for row, item in enumerate(items) if item.normalised}
+        if not inputs:
+            logits = self.backend.forward(self.stack([item.image for item in items]))
+        else:
+            # Normalised rows take a blank uint8 placeholder that forward_mixed overwrites.
+            images = [self._blank if item.normalised else item.image for item in items]
+            logits = self.backend.forward_mixed(self.stack(images), inputs)
         return top_k(logits, [item.top_k for item in items])
 
     def warmup(self, batch_sizes: list[int]) -> None:

@@ -316,3 +316,20 @@ def test_a_version_without_exports_fails_when_onnxruntime_is_required(
     info = version_info(client)
     assert info["state"] == "failed"
     assert "model.json lists no fp32 ONNX export" in str(info["error"])
+
+
+@pytest.mark.parametrize("choice", [ORT_FP32, TORCH_FP32])
+def test_normalised_rows_replace_their_pixels_on_every_backend(
+    exported_repo: Path, caps: Capabilities, choice: Choice
+) -> None:
+    images = asymmetric_images(5, n=3)
+    model, _ = opened(exported_repo, [choice], caps)
+    prep = read_metadata(version(exported_repo)).preprocessing
+    row = normalize(torch.from_numpy(images[1]).permute(2, 0, 1), prep).numpy()
+    blank = np.zeros_like(images[1])
+    mixed = model.backend.forward_mixed(model.stack([images[0], blank, images[2]]), {1: row})
+    expected = model.backend.forward(model.stack(images))
+    assert np.abs(mixed - expected).max() < 1e-4
+    # The placeholder really is replaced: the blank image alone answers differently.
+    alone = model.backend.forward(model.stack([blank]))
+    assert np.abs(alone[0] - expected[1]).max() > 1e-3

@@ -1,4 +1,5 @@
-"""The served forward pass: per-item top-k in a mixed batch, warm-up sizes per device."""
+"""The served forward pass: per-item top-k in a mixed batch, warm-up sizes per device,
+and items that arrive already normalised."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import torch
 
 from app.inference import InferenceItem, top_k, warmup_batch_sizes
 from tests.app.conftest import MODEL, torch_model
+from wastenet.preprocess import normalize
 
 
 def test_each_item_gets_its_own_top_k_and_batching_does_not_change_results(
@@ -55,4 +57,45 @@ def test_a_batch_larger_than_the_buffer_still_runs(template_repo: Path) -> None:
     alone = [model.predict([InferenceItem(image, 2)])[0] for image in images]
     for got, want in zip(together, alone, strict=True):
         assert [i for i, _ in got] == [i for i, _ in want]
+        assert [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-5)
+
+
+def _normalised(image: np.ndarray, model_dir: Path) -> np.ndarray:
+    """Training's normalisation of one uint8 (H, W, 3) image: float32 (3, H, W)."""
+    prep = torch_model(model_dir).preprocessing
+    tensor = normalize(torch.from_numpy(image).permute(2, 0, 1), prep)
+    return np.ascontiguousarray(tensor.numpy(), dtype=np.float32)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_normalised_item_equals_its_image_in_a_mixed_batch(
+    template_repo: Path, seed: int
+) -> None:
+    model_dir = template_repo / MODEL / "1"
+    model = torch_model(model_dir, max_batch_size=4)
+    rng = np.random.default_rng(seed)
+    images = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
+    images[1][:10, :5] = (255, 0, 0)  # asymmetric, so a transposed row would show
+    as_uint8 = model.predict([InferenceItem(image, 12) for image in images])
+    # Rows 1 and 3 arrive normalised, rows 0 and 2 as pixels, in one batch.
+    mixed_items = [
+        InferenceItem(_normalised(image, model_dir) if row % 2 else image, 12)
+        for row, image in enumerate(images)
+    ]
+    assert [item.normalised for item in mixed_items] == [False, True, False, True]
+    mixed = model.predict(mixed_items)
+    for got, want in zip(mixed, as_uint8, strict=True):
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-5)
+
+
+def test_a_batch_of_only_normalised_items_runs(template_repo: Path) -> None:
+    model_dir = template_repo / MODEL / "1"
+    model = torch_model(model_dir, max_batch_size=2)
+    rng = np.random.default_rng(7)
+    tensors = [rng.normal(0, 1, (3, 32, 32)).astype(np.float32) for _ in range(3)]
+    together = model.predict([InferenceItem(t, 12) for t in tensors])
+    alone = [model.predict([InferenceItem(t, 12)])[0] for t in tensors]
+    assert together[0] != together[1]  # different inputs, different answers
+    for got, want in zip(together, alone, strict=True):
         assert [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-5)
