@@ -17,6 +17,7 @@ from app.errors import install_error_handlers
 from app.routes import router
 from app.service import Service
 from app.settings import Settings, load_settings
+from app.v2.routes import router as v2_router
 
 DESCRIPTION = """\
 Classifies photos of waste into 12 classes (battery, biological, brown_glass, cardboard,
@@ -61,4 +62,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(v2_router)
     return app
