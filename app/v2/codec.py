@@ -62,8 +62,11 @@ def _mib(n: int) -> str:
 
 
 # -- reading -----------------------------------------------------------------------------
-async def read_body(request: Request, limits: UploadLimits) -> bytes:
-    """The whole body, refused (413) as soon as it is over the request limit."""
+async def read_body(request: Request, limits: UploadLimits) -> bytearray:
+    """The whole body, refused (413) as soon as it is over the request limit.
+
+    A bytearray: FP32 data is then used in place (a writable buffer), without a copy.
+    """
     encoding = request.headers.get("content-encoding", "").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(
@@ -89,11 +92,11 @@ async def read_body(request: Request, limits: UploadLimits) -> bytes:
         raise BadRequest(
             "the client disconnected before the body was complete", code="client_disconnected"
         ) from None
-    return b"".join(chunks)
+    return bytearray().join(chunks)
 
 
 def parse_request(
-    body: bytes,
+    body: bytes | bytearray,
     header_length: str | None,
     input_size: int,
     num_classes: int,
@@ -123,7 +126,9 @@ def _bad(message: str, code: str = "invalid_tensor") -> BadRequest:
     return BadRequest(message, code=code)
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+def _split(
+    body: bytes | bytearray, header_length: str | None
+) -> tuple[bytes | bytearray, memoryview]:
     view = memoryview(body)
     if header_length is None:
         return body, view[len(body) :]
@@ -138,7 +143,7 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     return body[:size], view[size:]
 
 
-def _validate(header: bytes) -> InferenceRequest:
+def _validate(header: bytes | bytearray) -> InferenceRequest:
     if not header.strip():
         raise _bad("empty request body: send an inference request (JSON)", "invalid_request")
     try:
