@@ -163,8 +163,9 @@ def test_bytes_images_answer_as_v1_does(
 def test_a_preprocessed_fp32_tensor_answers_as_its_images_do(
     server: LiveServer, client: triton.InferenceServerClient, binary: bool
 ) -> None:
-    images = photos(3)
-    tensor = triton.InferInput("input", [3, 3, 32, 32], "FP32")
+    # Eight images: 98 kB in binary (parsed inline), 490 kB as JSON (on a decode thread).
+    images = photos(3) + photos(6) + photos(9)[:2]
+    tensor = triton.InferInput("input", [8, 3, 32, 32], "FP32")
     tensor.set_data_from_numpy(normalised(images), binary_data=binary)
     result = client.infer(MODEL, [tensor], model_version="latest")
     assert result.get_response()["model_version"] == "2"
@@ -527,3 +528,16 @@ def test_the_openapi_document_covers_v2(server: LiveServer) -> None:
     schemas = spec["components"]["schemas"]
     assert "class_names" in schemas["ModelMetadata"]["required"]  # /v1's, not renamed
     assert {"inputs", "outputs", "versions"} <= set(schemas["ModelMetadataResponse"]["properties"])
+
+
+def test_a_request_past_its_timeout_gets_503(make_server: Callable[..., LiveServer]) -> None:
+    live = make_server(request_timeout_s=0.3)
+    client = triton.InferenceServerClient(live.url, network_timeout=30)
+    with inference_blocked(live.service):
+        status, text = status_of(lambda: client.infer(MODEL, [bytes_input([photo(1)], True)]))
+    assert status == "503" and "did not answer within 0.3 s (WASTE_REQUEST_TIMEOUT_S)" in text
+    # The batcher goes on serving.
+    assert client.infer(MODEL, [bytes_input([photo(1)], True)]).as_numpy("probabilities").shape == (
+        1,
+        12,
+    )
