@@ -26,6 +26,11 @@ clothes, green_glass, metal, paper, plastic, shoes, trash, white_glass).
 Upload one or more images as multipart/form-data in the field `files`. Every response
 names the model and version that answered. Every error has the same JSON shape:
 `{"error": {"code", "message", "details"}}`.
+
+The Open Inference Protocol (KServe V2) is served under `/v2`: health, metadata and
+inference on a BYTES tensor of encoded images or an FP32 tensor of normalised ones, with the
+binary tensor data and classification extensions. Its errors have the protocol's shape,
+`{"error": "message"}`.
 """
 
 
