@@ -42,12 +42,14 @@ from wastenet.schema import (
     METADATA_FILE,
     MODEL_NAME_RE,
     RESERVED_ALIASES,
+    VERSION_RULE,
     WEIGHTS_FILE,
     Evaluation,
     ExportedFile,
     ModelConfig,
     ModelMetadata,
     Preprocessing,
+    parse_version,
     validate_model_name,
 )
 
@@ -99,13 +101,18 @@ def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def list_versions(model_dir: Path) -> list[int]:
-    """Published version numbers under ``models/<name>/``, ascending (temp folders skipped)."""
+    """Published version numbers under ``models/<name>/``, ascending.
+
+    Only folders named by the version rule count (``wastenet.schema.parse_version``);
+    temporary folders, stray files and folders like ``²`` or ``01`` are skipped.
+    """
     if not model_dir.is_dir():
         return []
     versions = []
     for child in model_dir.iterdir():
-        if child.is_dir() and child.name.isdigit() and not child.name.startswith("0"):
-            versions.append(int(child.name))
+        number = parse_version(child.name)
+        if number is not None and child.is_dir():
+            versions.append(number)
     return sorted(versions)
 
 
@@ -185,14 +192,18 @@ def _make_readable(folder: Path) -> None:
 
 
 def _rename_to_next_version(tmp: Path, model_dir: Path) -> int:
+    floor = 1
     while True:
-        version = max(list_versions(model_dir), default=0) + 1
+        version = max(max(list_versions(model_dir), default=0) + 1, floor)
         target = model_dir / str(version)
         try:
             os.rename(tmp, target)
         except OSError:
-            if target.exists():
-                continue  # another publisher took this number first
+            if target.exists() or target.is_symlink():
+                # Another publisher took this number first, or a stray file or link holds
+                # the name (list_versions skips those): never reuse it, try the next one.
+                floor = version + 1
+                continue
             raise
         return version
 
@@ -260,9 +271,10 @@ def read_export(version_dir: str | os.PathLike[str], exported: ExportedFile) -> 
 
 
 def parse_version_dir(version_dir: Path) -> VersionRef:
-    if not version_dir.name.isdigit() or version_dir.name.startswith("0"):
-        raise ArtifactError(version_dir, "a version folder must be named by a positive integer")
-    return VersionRef(version_dir.parent.name, int(version_dir.name), version_dir)
+    number = parse_version(version_dir.name)
+    if number is None:
+        raise ArtifactError(version_dir, f"a version folder must be named by {VERSION_RULE}")
+    return VersionRef(version_dir.parent.name, number, version_dir)
 
 
 def load_version(

@@ -25,6 +25,12 @@ ONNX_INT8_FILE = "model.int8.onnx"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# A version is named by ASCII digits only: str.isdigit() also accepts '²' or '١', which int()
+# then refuses or silently reads as 1. Nine digits keep every version a 32-bit integer.
+MAX_VERSION_DIGITS = 9
+MAX_VERSION = 10**MAX_VERSION_DIGITS - 1
+VERSION_RE = re.compile(rf"[1-9][0-9]{{0,{MAX_VERSION_DIGITS - 1}}}")
+VERSION_RULE = f"1-{MAX_VERSION_DIGITS} ASCII digits without a leading zero"
 RESERVED_ALIASES = frozenset({"latest"})
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -279,3 +285,11 @@ def validate_model_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def parse_version(name: str) -> int | None:
+    """The version a folder name or path segment names, or None when it names none.
+
+    Only ``VERSION_RULE`` names a version: '01', '²', '١', '１', ' 1' and '1_0' name none.
+    """
+    return int(name) if VERSION_RE.fullmatch(name) else None

@@ -12,6 +12,7 @@ from pydantic import ValidationError
 from wastenet.artifacts import ArtifactError, read_export
 from wastenet.classes import CLASS_NAMES
 from wastenet.schema import (
+    MAX_VERSION,
     ONNX_FILE,
     ONNX_INT8_FILE,
     AgreementReport,
@@ -20,6 +21,7 @@ from wastenet.schema import (
     ExportedFile,
     ModelMetadata,
     Quantization,
+    parse_version,
 )
 
 SHA = "ab" * 32
@@ -147,3 +149,20 @@ def test_data_provenance_is_optional_and_checked_when_present() -> None:
         ModelMetadata.model_validate(metadata(data={**record, "splits_digest": "short"}))
     with pytest.raises(ValidationError, match="seed"):
         ModelMetadata.model_validate(metadata(data={**record, "seed": -1}))
+
+
+@pytest.mark.parametrize(
+    ("name", "number"),
+    [("1", 1), ("10", 10), ("999999999", 999_999_999), (str(MAX_VERSION), MAX_VERSION)],
+)
+def test_a_version_is_ascii_digits_without_a_leading_zero(name: str, number: int) -> None:
+    assert parse_version(name) == number
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "0", "01", "²", "³", "١", "１", "1_0", " 1", "1 ", "1\n", "+1", "-1", "1.0", "v1",
+     "latest", "1" * 10, "9" * 5000],
+)  # fmt: skip
+def test_anything_else_names_no_version(name: str) -> None:
+    assert parse_version(name) is None
