@@ -303,11 +303,16 @@ def read_aliases(model_dir: str | os.PathLike[str]) -> dict[str, int]:
     """``aliases.json`` of a model ({} when absent); raise ArtifactError when malformed."""
     path = Path(model_dir) / ALIASES_FILE
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(path, f"unreadable aliases: {exc}") from exc
+    # The problem names no path: the service shows it to clients.
+    except OSError as exc:
+        raise ArtifactError(path, f"unreadable: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(path, f"not UTF-8 text (byte {exc.start})") from exc
     if not isinstance(raw, dict):
         raise ArtifactError(path, "aliases must be a JSON object of alias -> version")
     aliases: dict[str, int] = {}

@@ -35,7 +35,13 @@ from app.inference import InferenceModel
 from app.main import create_app
 from app.service import Service
 from app.settings import Settings, load_settings
-from wastenet.artifacts import load_version, publish_version, read_metadata, sha256_file
+from wastenet.artifacts import (
+    list_versions,
+    load_version,
+    publish_version,
+    read_metadata,
+    sha256_file,
+)
 from wastenet.classes import CLASS_NAMES
 from wastenet.nets import ModelConfig, build_model
 from wastenet.schema import (
@@ -238,10 +244,9 @@ def add_version(repo: Path, name: str, source: Path) -> Path:
     """Publish a copy of an existing version as the next number (atomic rename)."""
     model_dir = repo / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    versions = [int(p.name) for p in model_dir.iterdir() if p.name.isdigit()]
     tmp = model_dir / ".tmp-copy"
     link_tree(source, tmp)
-    target = model_dir / str(max(versions, default=0) + 1)
+    target = model_dir / str(max(list_versions(model_dir), default=0) + 1)
     os.rename(tmp, target)
     return target
 
