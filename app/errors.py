@@ -224,14 +224,19 @@ def install_error_handlers(app: FastAPI) -> None:
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries documenting the error shape for each status."""
     descriptions = {
-        400: "Malformed request (e.g. broken multipart body).",
+        400: "Malformed request: a broken multipart body (malformed_multipart), or an admin "
+        "request body that is not UTF-8 (bad_request).",
         401: "Missing bearer token.",
         403: "Wrong bearer token, or admin disabled.",
         404: "Unknown model, version or alias.",
-        409: "The request conflicts with the repository's state.",
+        409: "The request conflicts with the repository's state: a read-only repository "
+        "(repository_not_writable), a change that would leave a model nothing to serve "
+        "(nothing_to_serve) or an aliases.json that cannot be read (aliases_unreadable); "
+        "?force=true overrides the last two.",
         413: "Upload over a limit (request bytes, file bytes, files per request, pixels).",
         415: "Not multipart/form-data, or a file that is not a supported image.",
-        422: "Invalid parameter, or no image in the request could be decoded.",
+        422: "Invalid parameter (invalid_request, invalid_version, ...), or no image in the "
+        "request could be decoded.",
         503: "Not ready, version loading/failed/not loaded, queue full or timed out. "
         "Carries Retry-After.",
     }

@@ -60,7 +60,7 @@ def test_liveness_and_readiness(api: TestClient) -> None:
     assert api.get("/health/live").json() == {"status": "alive"}
     ready = api.get("/health/ready")
     assert ready.status_code == 200
-    assert ready.json() == {"status": "ready", "models": {MODEL: 2, OTHER: 1}}
+    assert ready.json() == {"status": "ready", "models": {MODEL: 2, OTHER: 1}, "not_ready": {}}
     assert api.get(f"/health/ready/{OTHER}").json()["models"] == {OTHER: 1}
     assert_error(api.get("/health/ready/nope"), 404, "unknown_model", "'nope'")
 
