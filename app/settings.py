@@ -244,6 +244,9 @@ class Settings(BaseSettings):
         return self.admin_token is not None
 
 
+_SECRET_FIELDS = frozenset({"admin_token"})
+
+
 def env_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
 
@@ -272,6 +275,8 @@ def load_settings(**overrides: Any) -> Settings:
             name = env_name(field) if field in Settings.model_fields else "settings"
             raw = overrides.get(field, os.environ.get(name)) if field else None
             shown = f"={raw!r}" if raw is not None else ""
+            if field in _SECRET_FIELDS and raw is not None:
+                shown = f"=<{len(str(raw))} characters, not shown>"  # a secret, even if bad
             message = str(err["msg"]).removeprefix("Value error, ")
             lines.append(f"{name}{shown}: {message}")
         raise SettingsError("invalid settings:\n  " + "\n  ".join(lines)) from None
