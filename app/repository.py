@@ -57,7 +57,7 @@ def list_repository(repo: Path) -> RepositoryListing:
         listing.error = f"the model repository cannot be read: {exc.strerror}"
         return listing
     for name in names:
-        if _skipped_silently(name):
+        if _skipped_silently(repo / name):
             continue
         problem = _not_a_folder(repo / name, "model")
         if problem is None and not MODEL_NAME_RE.fullmatch(name):
@@ -79,7 +79,7 @@ def _list_model(folder: Path, listing: RepositoryListing) -> None:
         return
     versions = []
     for child in children:
-        if _skipped_silently(child) or child == ALIASES_FILE:
+        if _skipped_silently(folder / child) or child == ALIASES_FILE:
             continue
         problem = _not_a_folder(folder / child, "version")
         number = parse_version(child)
@@ -98,8 +98,10 @@ def _list_model(folder: Path, listing: RepositoryListing) -> None:
         )
 
 
-def _skipped_silently(name: str) -> bool:
-    return name.startswith(".") or name.upper().startswith("README")
+def _skipped_silently(path: Path) -> bool:
+    """Hidden entries, and README files (a folder named readme-... may be a model)."""
+    name = path.name
+    return name.startswith(".") or (name.upper().startswith("README") and not path.is_dir())
 
 
 def _not_a_folder(path: Path, what: str) -> str | None:

@@ -94,10 +94,12 @@ def deny(monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[[Path], None]]:
 
 def test_the_listing_names_every_kind_of_junk_and_keeps_every_version(repo: Path) -> None:
     expected = make_junk(repo)
+    (repo / "readme-model" / "1").mkdir(parents=True)  # a model, not a README file
     listing = list_repository(repo)
     assert {name: m.versions for name, m in listing.models.items()} == {
         MODEL: [1, 2],
         OTHER: [1, 2],
+        "readme-model": [1],
     }
     assert {i.path: i.reason for i in listing.ignored} == expected
     assert listing.error is None and listing.unreadable == set()
