@@ -53,13 +53,14 @@ def list_repository(repo: Path) -> RepositoryListing:
     listing = RepositoryListing()
     try:
         names = sorted(os.listdir(repo))
-    except OSError as exc:
+        kinds = {name: _not_a_folder(repo / name, "model") for name in names}
+    except OSError as exc:  # not listable, or listable but not searchable (mode r--)
         listing.error = f"the model repository cannot be read: {exc.strerror}"
         return listing
     for name in names:
-        if _skipped_silently(repo / name):
+        problem = kinds[name]
+        if _skipped_silently(name, problem):
             continue
-        problem = _not_a_folder(repo / name, "model")
         if problem is None and not MODEL_NAME_RE.fullmatch(name):
             problem = f"not a valid model name: use {_MODEL_NAME_RULE}"
         if problem is not None:
@@ -73,15 +74,16 @@ def _list_model(folder: Path, listing: RepositoryListing) -> None:
     name = folder.name
     try:
         children = sorted(os.listdir(folder))
+        kinds = {child: _not_a_folder(folder / child, "version") for child in children}
     except OSError as exc:
         listing.unreadable.add(name)
         listing.ignored.append(Ignored(name, f"cannot be read: {exc.strerror}"))
         return
     versions = []
     for child in children:
-        if _skipped_silently(folder / child) or child == ALIASES_FILE:
+        problem = kinds[child]
+        if _skipped_silently(child, problem) or child == ALIASES_FILE:
             continue
-        problem = _not_a_folder(folder / child, "version")
         number = parse_version(child)
         if problem is None and number is not None:
             versions.append(number)
@@ -98,19 +100,17 @@ def _list_model(folder: Path, listing: RepositoryListing) -> None:
         )
 
 
-def _skipped_silently(path: Path) -> bool:
+def _skipped_silently(name: str, not_a_folder: str | None) -> bool:
     """Hidden entries, and README files (a folder named readme-... may be a model)."""
-    name = path.name
-    return name.startswith(".") or (name.upper().startswith("README") and not path.is_dir())
+    readme = name.upper().startswith("README") and not_a_folder is not None
+    return name.startswith(".") or readme
 
 
 def _not_a_folder(path: Path, what: str) -> str | None:
-    """Why ``path`` is not a folder (following symbolic links), or None when it is one."""
-    try:
-        if path.is_dir():
-            return None
-        if path.is_symlink() and not path.exists():
-            return "a symbolic link to nothing (or a loop)"
-        return f"a file where a {what} folder is expected"
-    except OSError as exc:  # e.g. a parent that cannot be searched
-        return f"cannot be read: {exc.strerror}"
+    """Why ``path`` is not a folder (following symbolic links), or None when it is one.
+    Raises OSError when it cannot be looked at (a parent that cannot be searched)."""
+    if path.is_dir():
+        return None
+    if path.is_symlink() and not path.exists():
+        return "a symbolic link to nothing (or a loop)"
+    return f"a file where a {what} folder is expected"

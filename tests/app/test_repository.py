@@ -171,6 +171,17 @@ def test_an_unreadable_folder_keeps_serving_what_was_loaded_from_it(
     assert client.get("/health/ready").json()["models"] == {MODEL: 2, OTHER: 1}
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root searches any folder")
+def test_a_folder_that_can_be_listed_but_not_searched_is_unreadable(repo: Path) -> None:
+    (repo / OTHER).chmod(0o444)  # names readable, entries cannot be looked at
+    try:
+        listing = list_repository(repo)
+    finally:
+        (repo / OTHER).chmod(0o755)
+    assert set(listing.models) == {MODEL} and listing.unreadable == {OTHER}
+    assert listing.ignored == [Ignored(OTHER, "cannot be read: Permission denied")]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads a mode-000 folder's files")
 def test_an_unreadable_version_folder_fails_with_its_reason(
     repo: Path, make_client: MakeClient
