@@ -47,16 +47,20 @@ class Admin:
             )
         return describe_version(registry.model(name), entry)
 
-    async def unload(self, name: str, version: int) -> VersionInfo:
+    async def unload(self, name: str, version: int, force: bool = False) -> VersionInfo:
+        """Unload a version; 409 when the model's default would have nothing to serve."""
         registry = self._lifecycle.require_registry()
-        entry = await registry.unload(name, version)
+        entry = await registry.unload(name, version, force=force)
         return describe_version(registry.model(name), entry)
 
-    async def set_alias(self, name: str, alias: str, version: int | None) -> ModelInfo:
-        """Point ``alias`` at ``version`` in aliases.json (None removes it)."""
+    async def set_alias(
+        self, name: str, alias: str, version: int | None, force: bool = False
+    ) -> ModelInfo:
+        """Point ``alias`` at ``version`` in aliases.json (None removes it); 409 when the
+        alias would have nothing to serve or aliases.json cannot be read."""
         registry = self._lifecycle.require_registry()
         try:
-            await registry.set_alias(name, alias, version)
+            await registry.set_alias(name, alias, version, force=force)
         except OSError as exc:
             raise Conflict(
                 f"cannot write aliases.json of {name!r}: {exc.strerror or exc} (is the model "

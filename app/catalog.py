@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+
 from app.lifecycle import Lifecycle
-from app.registry import ModelRegistry, describe_version
+from app.registry import ModelRegistry, describe_version, ignored_entries
 from app.schemas import ModelInfo, ModelList, VersionDetail
+from wastenet.artifacts import ArtifactError
+from wastenet.schema import METADATA_FILE
+
+log = logging.getLogger("app.catalog")
 
 
 def model_info(registry: ModelRegistry, name: str) -> ModelInfo:
@@ -32,6 +38,7 @@ class Catalog:
         return ModelList(
             default_model=self._lifecycle.settings.default_model,
             models=[model_info(registry, n) for n in names],
+            ignored=ignored_entries(registry.ignored),
         )
 
     def model(self, name: str) -> ModelInfo:
@@ -44,9 +51,17 @@ class Catalog:
         info = describe_version(model, entry)
         try:
             metadata = await registry.metadata(entry)
-        except Exception as exc:
+        except ArtifactError as exc:
+            # The file's name only: the absolute path is the server's business.
+            error = f"{exc.path.name}: {exc.problem}"
             return VersionDetail(
-                **info.model_dump(), model=name, metadata=None, metadata_error=str(exc)
+                **info.model_dump(), model=name, metadata=None, metadata_error=error
+            )
+        except Exception as exc:
+            log.warning("reading model.json of %s failed", entry.label, exc_info=exc)
+            error = f"{METADATA_FILE}: cannot be read ({type(exc).__name__})"
+            return VersionDetail(
+                **info.model_dump(), model=name, metadata=None, metadata_error=error
             )
         return VersionDetail(
             **info.model_dump(), model=name, metadata=metadata, metadata_error=None

@@ -1,8 +1,9 @@
-"""Readiness: whether start-up is done and the models' default versions can serve.
+"""Readiness: whether start-up is done and the configured default model answers.
 
-Liveness needs none of this (the route answers on its own). Readiness of the whole
-service also needs the configured default model (WASTE_DEFAULT_MODEL) to exist; readiness
-of one model looks at that model only.
+Liveness needs none of this (the route answers on its own). The service is ready when
+the default model (WASTE_DEFAULT_MODEL) answers with its default version; another model's
+problem shows in that model's readiness and beside the answer, never in the service's
+(one broken model must not take a replica out of its load balancer).
 """
 
 from __future__ import annotations
@@ -18,25 +19,33 @@ class Health:
         self._lifecycle = lifecycle
 
     def ready(self, model: str | None = None) -> Readiness:
-        """Model -> default version when ready; raise 503 with the reasons otherwise."""
+        """The default model's (or ``model``'s) readiness; 503 with the reason when not."""
         registry = self._lifecycle.require_registry()
         if model is not None:
             registry.model(model)  # 404 for unknown models
         self._require_started()
-        names = [model] if model is not None else list(registry.models)
-        reasons = registry.readiness(names)
         if model is None:
-            reasons[:0] = self._default_model_missing(registry)
-        if reasons:
+            reason = self._default_model_missing(registry) or registry.unready_reason(
+                self._lifecycle.settings.default_model
+            )
+        else:
+            reason = registry.unready_reason(model)
+        if reason is not None:
             raise Unavailable(
-                "not ready: " + "; ".join(reasons),
+                f"not ready: {reason}",
                 code="not_ready",
                 retry_after_s=5,
-                details={"reasons": reasons},
+                details={"reasons": [reason]},
             )
-        return Readiness(
-            models={name: registry.default_version(registry.models[name]) for name in names}
-        )
+        names = [model] if model is not None else sorted(registry.models)
+        versions: dict[str, int | None] = {}
+        not_ready: dict[str, str] = {}
+        for name in names:
+            why = registry.unready_reason(name)
+            versions[name] = None if why else registry.default_version(registry.models[name])
+            if why is not None:
+                not_ready[name] = why
+        return Readiness(models=versions, not_ready=not_ready)
 
     def _require_started(self) -> None:
         lifecycle = self._lifecycle
@@ -47,12 +56,12 @@ class Health:
         if not lifecycle.started:
             raise Unavailable(f"not ready: {lifecycle.stage}", code="not_ready", retry_after_s=5)
 
-    def _default_model_missing(self, registry: ModelRegistry) -> list[str]:
+    def _default_model_missing(self, registry: ModelRegistry) -> str | None:
         default = self._lifecycle.settings.default_model
         if default in registry.models:
-            return []
+            return None
         models = ", ".join(sorted(registry.models)) or "none"
-        return [
+        return (
             f"the default model {default!r} is not in the model repository "
             f"(WASTE_DEFAULT_MODEL; models: {models})"
-        ]
+        )

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BeforeValidator
 
-from app.errors import Unprocessable, error_responses
+from app.errors import BadRequest, Unprocessable, error_responses
 from app.schemas import (
     AliasUpdate,
     Liveness,
@@ -22,15 +25,31 @@ from app.schemas import (
     VersionInfo,
 )
 from app.service import Service, service_from
-from wastenet.schema import ALIAS_RE, RESERVED_ALIASES
+from wastenet.schema import ALIAS_RE, MAX_VERSION, RESERVED_ALIASES, VERSION_RULE, parse_version
 
 ServiceDep = Annotated[Service, Depends(service_from)]
 ModelName = Annotated[str, Path(description="Model name, e.g. waste-resnet18-cbam.")]
 VersionSpec = Annotated[
     str,
-    Path(description="A version number, 'latest' (highest ready version) or an alias."),
+    Path(
+        description=f"A version number ({VERSION_RULE}), 'latest' (highest ready version) "
+        "or an alias."
+    ),
 ]
-VersionNumber = Annotated[int, Path(ge=1, description="A version number.")]
+
+
+def _version_text(value: object) -> object:
+    # pydantic reads '01', '+1', '1_0' and '1.0' as 1: only the version rule names a version.
+    if isinstance(value, str) and parse_version(value) is None:
+        raise ValueError(f"a version number is {VERSION_RULE}")
+    return value
+
+
+VersionNumber = Annotated[
+    int,
+    Path(ge=1, le=MAX_VERSION, description=f"A version number ({VERSION_RULE})."),
+    BeforeValidator(_version_text),
+]
 TopK = Annotated[
     int, Query(ge=1, le=1000, description="How many classes to return per image (<= classes).")
 ]
@@ -180,11 +199,51 @@ async def require_admin(
     return service
 
 
+class _AuthFirstRoute(APIRoute):
+    """An admin route that checks the bearer token before FastAPI reads the body.
+
+    FastAPI parses the body before it solves dependencies, so ``require_admin`` alone
+    would let an anonymous caller see 400/422 answers about a body it may not send. The
+    dependency stays: it is what declares the bearer scheme in the OpenAPI document.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+        takes_body = self.body_field is not None
+
+        async def authorized(request: Request) -> Response:
+            service = await service_from(request)
+            service.admin.authorize(await _bearer(request))
+            if takes_body:
+                await _require_utf8(request)
+            return await handler(request)
+
+        return authorized
+
+
+async def _require_utf8(request: Request) -> None:
+    body = await request.body()  # cached on the request: the handler reads it again for free
+    try:
+        body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(
+            f'the request body is not UTF-8 (byte {exc.start}); send JSON such as {{"version": 2}}',
+            code="bad_request",
+        ) from None
+
+
+admin_router = APIRouter(route_class=_AuthFirstRoute)
 AdminDep = Annotated[Service, Depends(require_admin)]
+Force = Annotated[
+    bool,
+    Query(description="Do it even when it leaves the model's default nothing to serve."),
+]
 _ADMIN_ERRORS = error_responses(401, 403, 404, 503)
 
 
-@router.post("/v1/admin/rescan", tags=["admin"], response_model=ScanResult, responses=_ADMIN_ERRORS)
+@admin_router.post(
+    "/v1/admin/rescan", tags=["admin"], response_model=ScanResult, responses=_ADMIN_ERRORS
+)
 async def rescan(
     service: AdminDep,
     retry_failed: Annotated[bool, Query(description="Also retry versions that failed.")] = False,
@@ -193,7 +252,7 @@ async def rescan(
     return await service.admin.rescan(retry_failed)
 
 
-@router.post(
+@admin_router.post(
     "/v1/admin/models/{name}/versions/{version}/load",
     tags=["admin"],
     response_model=VersionInfo,
@@ -204,15 +263,18 @@ async def load_version(name: ModelName, version: VersionNumber, service: AdminDe
     return await service.admin.load(name, version)
 
 
-@router.post(
+@admin_router.post(
     "/v1/admin/models/{name}/versions/{version}/unload",
     tags=["admin"],
     response_model=VersionInfo,
-    responses=_ADMIN_ERRORS,
+    responses=error_responses(401, 403, 404, 409, 422, 503),
 )
-async def unload_version(name: ModelName, version: VersionNumber, service: AdminDep) -> VersionInfo:
-    """Unload a version; its queued requests are still answered."""
-    return await service.admin.unload(name, version)
+async def unload_version(
+    name: ModelName, version: VersionNumber, service: AdminDep, force: Force = False
+) -> VersionInfo:
+    """Unload a version; its queued requests are still answered. 409 when it is the model's
+    only ready version or its 'production' alias points to it (unless forced)."""
+    return await service.admin.unload(name, version, force)
 
 
 AliasName = Annotated[
@@ -220,29 +282,33 @@ AliasName = Annotated[
 ]
 
 
-@router.put(
+@admin_router.put(
     "/v1/admin/models/{name}/aliases/{alias}",
     tags=["admin"],
     response_model=ModelInfo,
-    responses=error_responses(401, 403, 404, 409, 422, 503),
+    responses=error_responses(400, 401, 403, 404, 409, 422, 503),
 )
 async def set_alias(
-    name: ModelName, alias: AliasName, body: AliasUpdate, service: AdminDep
+    name: ModelName, alias: AliasName, body: AliasUpdate, service: AdminDep, force: Force = False
 ) -> ModelInfo:
-    """Point an alias at a version (written to aliases.json) and load that version."""
+    """Point an alias at a version (written to aliases.json) and load that version. 409 when
+    the version cannot be loaded or aliases.json cannot be read (unless forced)."""
     _check_alias(alias)
-    return await service.admin.set_alias(name, alias, body.version)
+    return await service.admin.set_alias(name, alias, body.version, force)
 
 
-@router.delete(
+@admin_router.delete(
     "/v1/admin/models/{name}/aliases/{alias}",
     tags=["admin"],
     response_model=ModelInfo,
     responses=error_responses(401, 403, 404, 409, 503),
 )
-async def delete_alias(name: ModelName, alias: AliasName, service: AdminDep) -> ModelInfo:
-    """Remove an alias from aliases.json."""
-    return await service.admin.set_alias(name, alias, None)
+async def delete_alias(
+    name: ModelName, alias: AliasName, service: AdminDep, force: Force = False
+) -> ModelInfo:
+    """Remove an alias from aliases.json. 409 when removing 'production' leaves no ready
+    version, or aliases.json cannot be read (unless forced)."""
+    return await service.admin.set_alias(name, alias, None, force)
 
 
 def _check_alias(alias: str) -> None:
@@ -252,3 +318,6 @@ def _check_alias(alias: str) -> None:
             "letter, and not 'latest'",
             code="invalid_alias",
         )
+
+
+router.include_router(admin_router)

@@ -6,7 +6,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-from wastenet.schema import ModelMetadata
+from wastenet.schema import MAX_VERSION, ModelMetadata
 
 
 class ClassScore(BaseModel):
@@ -41,6 +41,10 @@ FileResult = Annotated[ImagePrediction | ImageFailure, Field(discriminator="stat
 class PredictResponse(BaseModel):
     model: str = Field(description="The model that answered.")
     version: int = Field(description="The version that answered.")
+    backend: Literal["torch", "onnxruntime"] = Field(description="The backend that answered.")
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        description="The precision it answered in."
+    )
     predictions: list[FileResult] = Field(
         description="One entry per uploaded file, in upload order."
     )
@@ -56,6 +60,20 @@ class VersionInfo(BaseModel):
     pinned: bool = Field(description="Loaded by an admin; kept when newer versions arrive.")
     loaded_at: str | None
     queue_depth: int | None = Field(description="Images waiting in its batcher (when ready).")
+    backend: Literal["torch", "onnxruntime"] | None = Field(
+        default=None, description="The backend serving it (when ready)."
+    )
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
+        default=None, description="The precision it is served in (when ready)."
+    )
+    device: str | None = Field(default=None, description="cpu or cuda:N (when ready).")
+    skipped_backends: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Faster backend/precision choices this version could not take, each with the "
+            "reason (e.g. a missing or tampered model.int8.onnx)."
+        ),
+    )
 
 
 class ModelInfo(BaseModel):
@@ -63,16 +81,33 @@ class ModelInfo(BaseModel):
     default_version: int | None = Field(
         description="The version answering when none is named (null when none is ready)."
     )
-    default_selector: str = Field(description="'production' when that alias exists, else 'latest'.")
+    default_selector: str | None = Field(
+        description="'production' when that alias exists, else 'latest'; null while "
+        "aliases.json has never been readable (the default is then unknown)."
+    )
     latest_ready: int | None
-    aliases: dict[str, int]
-    aliases_error: str | None = Field(description="Why aliases.json could not be read.")
+    aliases: dict[str, int] = Field(
+        description="Alias -> version; the aliases last read while aliases.json is unreadable."
+    )
+    aliases_error: str | None = Field(
+        description="Why aliases.json cannot be read now (the aliases last read stay in force)."
+    )
     versions: list[VersionInfo]
+
+
+class IgnoredEntry(BaseModel):
+    path: str = Field(description="Relative to the model repository, e.g. 'my-model/v2'.")
+    reason: str = Field(description="Why it is neither a model nor a version.")
 
 
 class ModelList(BaseModel):
     default_model: str = Field(description="The model answering POST /v1/predict.")
     models: list[ModelInfo]
+    ignored: list[IgnoredEntry] = Field(
+        default_factory=list,
+        description="Entries of the model repository that are no model or version: "
+        "stray files, badly named folders, links to nothing, unreadable folders.",
+    )
 
 
 class VersionDetail(VersionInfo):
@@ -89,11 +124,20 @@ class Liveness(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready"] = "ready"
-    models: dict[str, int | None] = Field(description="Model -> the default version serving it.")
+    models: dict[str, int | None] = Field(
+        description="Model -> the default version serving it (null when it cannot answer)."
+    )
+    not_ready: dict[str, str] = Field(
+        default_factory=dict,
+        description="Model -> why its default version cannot answer. Other models than "
+        "the default one do not make the service unready.",
+    )
 
 
 class AliasUpdate(BaseModel):
-    version: int = Field(ge=1, description="Version number the alias should point to.")
+    version: int = Field(
+        ge=1, le=MAX_VERSION, description="Version number the alias should point to."
+    )
 
 
 class ScanResult(BaseModel):
@@ -102,3 +146,6 @@ class ScanResult(BaseModel):
     loaded: list[str]
     failed: list[str]
     unloaded: list[str]
+    ignored: list[IgnoredEntry] = Field(
+        default_factory=list, description="Entries of the repository that are no model or version."
+    )

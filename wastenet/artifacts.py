@@ -42,12 +42,14 @@ from wastenet.schema import (
     METADATA_FILE,
     MODEL_NAME_RE,
     RESERVED_ALIASES,
+    VERSION_RULE,
     WEIGHTS_FILE,
     Evaluation,
     ExportedFile,
     ModelConfig,
     ModelMetadata,
     Preprocessing,
+    parse_version,
     validate_model_name,
 )
 
@@ -99,13 +101,18 @@ def _state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def list_versions(model_dir: Path) -> list[int]:
-    """Published version numbers under ``models/<name>/``, ascending (temp folders skipped)."""
+    """Published version numbers under ``models/<name>/``, ascending.
+
+    Only folders named by the version rule count (``wastenet.schema.parse_version``);
+    temporary folders, stray files and folders like ``²`` or ``01`` are skipped.
+    """
     if not model_dir.is_dir():
         return []
     versions = []
     for child in model_dir.iterdir():
-        if child.is_dir() and child.name.isdigit() and not child.name.startswith("0"):
-            versions.append(int(child.name))
+        number = parse_version(child.name)
+        if number is not None and child.is_dir():
+            versions.append(number)
     return sorted(versions)
 
 
@@ -155,7 +162,7 @@ def publish_version(
         )
         metadata.check_consistent()
         (tmp / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n")
-        tmp.chmod(0o755)
+        _make_readable(tmp)
         version = _rename_to_next_version(tmp, model_dir)
         return VersionRef(name, version, model_dir / str(version))
     except BaseException:
@@ -163,15 +170,40 @@ def publish_version(
         raise
 
 
+def _umask() -> int:
+    """The process umask, read without setting it: os.umask() changes it for every thread."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc (macOS): the racy way
+    os.umask(mask)
+    return mask
+
+
+def _make_readable(folder: Path) -> None:
+    """Give a version's folder and files the modes a plain mkdir/open would (0777/0666 less
+    the umask): mkdtemp makes 0700 and safetensors 0600, which a service running as another
+    user (the image's UID 10001 over a read-only mount) could not read."""
+    umask = _umask()
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    folder.chmod(0o777 & ~umask)
+
+
 def _rename_to_next_version(tmp: Path, model_dir: Path) -> int:
+    floor = 1
     while True:
-        version = max(list_versions(model_dir), default=0) + 1
+        version = max(max(list_versions(model_dir), default=0) + 1, floor)
         target = model_dir / str(version)
         try:
             os.rename(tmp, target)
         except OSError:
-            if target.exists():
-                continue  # another publisher took this number first
+            if target.exists() or target.is_symlink():
+                # Another publisher took this number first, or a stray file or link holds
+                # the name (list_versions skips those): never reuse it, try the next one.
+                floor = version + 1
+                continue
             raise
         return version
 
@@ -239,9 +271,10 @@ def read_export(version_dir: str | os.PathLike[str], exported: ExportedFile) -> 
 
 
 def parse_version_dir(version_dir: Path) -> VersionRef:
-    if not version_dir.name.isdigit() or version_dir.name.startswith("0"):
-        raise ArtifactError(version_dir, "a version folder must be named by a positive integer")
-    return VersionRef(version_dir.parent.name, int(version_dir.name), version_dir)
+    number = parse_version(version_dir.name)
+    if number is None:
+        raise ArtifactError(version_dir, f"a version folder must be named by {VERSION_RULE}")
+    return VersionRef(version_dir.parent.name, number, version_dir)
 
 
 def load_version(
@@ -270,11 +303,16 @@ def read_aliases(model_dir: str | os.PathLike[str]) -> dict[str, int]:
     """``aliases.json`` of a model ({} when absent); raise ArtifactError when malformed."""
     path = Path(model_dir) / ALIASES_FILE
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ArtifactError(path, f"unreadable aliases: {exc}") from exc
+    # The problem names no path: the service shows it to clients.
+    except OSError as exc:
+        raise ArtifactError(path, f"unreadable: {exc.strerror}") from exc
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(path, f"not UTF-8 text (byte {exc.start})") from exc
     if not isinstance(raw, dict):
         raise ArtifactError(path, "aliases must be a JSON object of alias -> version")
     aliases: dict[str, int] = {}
@@ -302,7 +340,7 @@ def write_aliases(model_dir: str | os.PathLike[str], aliases: Mapping[str, int])
         with os.fdopen(fd, "w") as f:
             json.dump(dict(sorted(aliases.items())), f, indent=2)
             f.write("\n")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -25,6 +25,12 @@ ONNX_INT8_FILE = "model.int8.onnx"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 ALIAS_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# A version is named by ASCII digits only: str.isdigit() also accepts '²' or '١', which int()
+# then refuses or silently reads as 1. Nine digits keep every version a 32-bit integer.
+MAX_VERSION_DIGITS = 9
+MAX_VERSION = 10**MAX_VERSION_DIGITS - 1
+VERSION_RE = re.compile(rf"[1-9][0-9]{{0,{MAX_VERSION_DIGITS - 1}}}")
+VERSION_RULE = f"1-{MAX_VERSION_DIGITS} ASCII digits without a leading zero"
 RESERVED_ALIASES = frozenset({"latest"})
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -236,6 +242,29 @@ class DerivedFrom(BaseModel):
     weights_sha256: str = Field(pattern=SHA256_PATTERN)
 
 
+class DataProvenance(BaseModel):
+    """Where a version's training data came from: enough to rebuild its train/val/test file
+    lists (``root``, ``seed``, fractions) and to check that a rebuild is the same
+    (``split_digests``), so an evaluation can tell whether its images were held out.
+
+    A split's digest is the sha256 of its sorted ``[path relative to root, class]`` pairs as
+    compact JSON; ``splits_digest`` covers the three.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    source: str  # what training was given: the data folder or a splits file
+    root: str  # the folder the file lists are relative to
+    seed: int = Field(ge=0)
+    presplit: bool
+    val_fraction: float = Field(ge=0.0, lt=1.0)
+    test_fraction: float = Field(ge=0.0, lt=1.0)
+    splits_digest: str = Field(pattern=SHA256_PATTERN)
+    split_digests: dict[str, str]
+    counts: dict[str, int]
+    splits_file: str | None = None  # the run's splits.json when the version was published
+
+
 class ModelMetadata(BaseModel):
     """The content of ``model.json``: everything needed to rebuild and to serve a version."""
 
@@ -254,6 +283,7 @@ class ModelMetadata(BaseModel):
     description: str = ""
     exports: list[ExportedFile] = Field(default_factory=list)
     derived_from: DerivedFrom | None = None
+    data: DataProvenance | None = None  # None in versions published before it was recorded
 
     @field_validator("format_version")
     @classmethod
@@ -289,3 +319,11 @@ def validate_model_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def parse_version(name: str) -> int | None:
+    """The version a folder name or path segment names, or None when it names none.
+
+    Only ``VERSION_RULE`` names a version: '01', '²', '١', '１', ' 1' and '1_0' name none.
+    """
+    return int(name) if VERSION_RE.fullmatch(name) else None

@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+from fastapi.testclient import TestClient
+
 from app.schemas import ScanResult
+from app.settings import SettingsError, load_settings
 from tests.app.conftest import MODEL, TOKEN, add_version, replace_file, service_of
 from tests.app.test_api import assert_error
 from tests.app.test_versions import MakeClient, predict_version, states
@@ -132,4 +136,115 @@ def test_admin_answers_are_what_the_catalog_then_shows(make_client: MakeClient) 
     assert unloaded == service.catalog.model(MODEL).versions[1]
     assert client.portal.call(service.admin.rescan, False) == ScanResult(
         added=[], removed=[], loaded=[f"{MODEL} v2"], failed=[], unloaded=[]
+    )
+
+
+def tamper(version_dir: Path) -> None:
+    weights = version_dir / "weights.safetensors"
+    replace_file(weights, weights.read_bytes()[:-10])
+
+
+def test_an_alias_to_a_version_that_cannot_serve_is_refused_unless_forced(
+    repo: Path, make_client: MakeClient
+) -> None:
+    tamper(repo / MODEL / "1")  # v1 is not loaded yet: the alias call tries it
+    client = make_client(admin_token=TOKEN)
+    url = f"/v1/admin/models/{MODEL}/aliases/production"
+    error = assert_error(
+        client.put(url, json={"version": 1}, headers=AUTH), 409, "nothing_to_serve", "sha256"
+    )
+    assert error["details"] == {
+        "model": MODEL,
+        "alias": "production",
+        "version": 1,
+        "state": "failed",
+        "reason": states_reason(client, 1),
+    }
+    assert not (repo / MODEL / "aliases.json").exists()
+    assert predict_version(client).json()["version"] == 2  # type: ignore[attr-defined]
+    assert client.get("/health/ready").status_code == 200
+    # Now v1 is known to have failed: refused again, without another load.
+    assert_error(client.put(url, json={"version": 1}, headers=AUTH), 409, "nothing_to_serve")
+    forced = client.put(f"{url}?force=true", json={"version": 1}, headers=AUTH)
+    assert forced.status_code == 200 and forced.json()["aliases"] == {"production": 1}
+    assert_error(predict_version(client), 503, "version_failed")
+
+
+def states_reason(client: TestClient, version: int) -> str:
+    body = client.get(f"/v1/models/{MODEL}/versions/{version}").json()
+    return str(body["error"])
+
+
+def test_unloading_what_the_default_needs_is_refused_unless_forced(
+    repo: Path, make_client: MakeClient
+) -> None:
+    client = make_client(admin_token=TOKEN)
+    unload = f"/v1/admin/models/{MODEL}/versions/%d/unload"
+    assert_error(
+        client.post(unload % 2, headers=AUTH), 409, "nothing_to_serve", "only ready version"
+    )
+    assert states(client) == {1: "available", 2: "ready"}
+    client.put(f"/v1/admin/models/{MODEL}/aliases/production", json={"version": 1}, headers=AUTH)
+    assert states(client) == {1: "ready", 2: "ready"}
+    assert_error(
+        client.post(unload % 1, headers=AUTH), 409, "nothing_to_serve", "alias 'production'"
+    )
+    assert client.post(unload % 2, headers=AUTH).json()["state"] == "available"  # not needed
+    # Without 'production' the default is 'latest', and no version would be ready.
+    assert client.post(f"{unload % 1}?force=true", headers=AUTH).json()["state"] == "available"
+    assert_error(predict_version(client), 503, "version_not_loaded")
+    delete = f"/v1/admin/models/{MODEL}/aliases/production"
+    assert_error(client.delete(delete, headers=AUTH), 409, "nothing_to_serve", "'latest'")
+    assert client.delete(f"{delete}?force=true", headers=AUTH).json()["aliases"] == {}
+
+
+def test_aliases_are_not_written_over_an_unreadable_file_unless_forced(
+    repo: Path, make_client: MakeClient
+) -> None:
+    aliases = repo / MODEL / "aliases.json"
+    aliases.write_text(json.dumps({"production": 2, "staging": 1}))
+    client = make_client(admin_token=TOKEN)
+    aliases.write_text('{"production": 2, "staging": 1, "canary"')  # an edit half done
+    client.post("/v1/admin/rescan", headers=AUTH)
+    url = f"/v1/admin/models/{MODEL}/aliases/canary"
+    assert_error(
+        client.put(url, json={"version": 1}, headers=AUTH), 409, "aliases_unreadable", "JSON"
+    )
+    assert aliases.read_text() == '{"production": 2, "staging": 1, "canary"'
+    forced = client.put(f"{url}?force=true", json={"version": 1}, headers=AUTH)
+    assert forced.json()["aliases_error"] is None
+    assert json.loads(aliases.read_text()) == {"canary": 1, "production": 2, "staging": 1}
+
+
+def put_json(client: TestClient, url: str, body: bytes, token: str | None = None) -> object:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    return client.put(url, content=body, headers=headers)
+
+
+def test_the_token_is_checked_before_the_body_is_read(make_client: MakeClient) -> None:
+    url = f"/v1/admin/models/{MODEL}/aliases/production"
+    not_utf8, not_json = b'{"version": "\xff\xfe"}', b'{"version": '
+    assert_error(put_json(make_client(), url, not_utf8, TOKEN), 403, "admin_disabled")
+    client = make_client(admin_token=TOKEN)
+    for body in (not_utf8, not_json):
+        assert_error(put_json(client, url, body), 401, "unauthorized")
+        assert_error(put_json(client, url, body, "not-the-token-at-all"), 403, "invalid_token")
+    response = put_json(client, url, not_utf8, TOKEN)
+    assert_error(response, 400, "bad_request", "not UTF-8 (byte 13)")
+    assert_error(put_json(client, url, not_json, TOKEN), 422, "invalid_request", "JSON")
+    paths = client.get("/openapi.json").json()["paths"]
+    assert "400" in paths["/v1/admin/models/{name}/aliases/{alias}"]["put"]["responses"]
+
+
+def test_an_invalid_admin_token_is_not_printed(monkeypatch: pytest.MonkeyPatch) -> None:
+    token = "s3cret-short"  # invalid: fewer than 16 characters
+    monkeypatch.setenv("WASTE_ADMIN_TOKEN", token)
+    with pytest.raises(SettingsError) as info:
+        load_settings()
+    message = str(info.value)
+    assert token not in message and "s3cret" not in message
+    assert "WASTE_ADMIN_TOKEN=<12 characters, not shown>: the admin token must be at least 16" in (
+        message
     )

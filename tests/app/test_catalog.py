@@ -39,6 +39,10 @@ def test_model_info_lists_every_version_with_its_state_and_aliases(
         "aliases": ["canary", "staging"],
         "pinned": False,
         "queue_depth": 0,
+        "backend": "torch",  # no exported files: torch fp32 on CPU
+        "precision": "fp32",
+        "device": "cpu",
+        "skipped_backends": [],  # a version that ships no ONNX file skips nothing
     }
     assert v2.version == 2 and v2.state == "ready" and v2.aliases == []
     for version in (v1, v2):
@@ -79,3 +83,20 @@ def test_version_detail_is_model_json_beside_the_state(repo: Path, make_client: 
     metadata_schema = schemas["VersionDetail"]["properties"]["metadata"]["anyOf"][0]
     assert metadata_schema == {"$ref": "#/components/schemas/ModelMetadata"}
     assert "class_names" in schemas["ModelMetadata"]["required"]
+
+
+def test_errors_shown_to_clients_name_files_not_server_paths(
+    repo: Path, make_client: MakeClient
+) -> None:
+    (repo / OTHER / "1" / "model.json").unlink()
+    (repo / MODEL / "aliases.json").mkdir()  # read_text() fails: "Is a directory: '/...'"
+    client = make_client(ready=False)
+    version = client.get(f"/v1/models/{OTHER}/versions/1").json()
+    assert version["metadata"] is None
+    assert (version["error"], version["metadata_error"]) == ("model.json: missing",) * 2
+    model = client.get(f"/v1/models/{MODEL}").json()
+    assert model["aliases_error"] == "aliases.json: unreadable: Is a directory"
+    root = str(repo.parent.parent)  # the pytest temp folder above the repository
+    for path in ("/v1/models", f"/v1/models/{MODEL}", f"/v1/models/{OTHER}/versions/1"):
+        assert root not in client.get(path).text, path
+    assert root not in client.get("/health/ready").text

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 
 from app.errors import NotFound, Unavailable
 from app.schemas import Readiness
-from tests.app.conftest import MODEL, OTHER, service_of
+from tests.app.conftest import MODEL, OTHER, files, image_bytes, service_of
 
 MakeClient = Callable[..., TestClient]
 
@@ -43,3 +43,35 @@ def test_one_model_is_ready_while_the_service_lacks_its_default_model(
     [reason] = error.details["reasons"]
     assert reason.startswith("the default model 'not-published' is not in the model repository")
     assert f"models: {OTHER}, {MODEL})" in reason
+
+
+def test_another_models_problem_never_takes_the_service_out_of_readiness(
+    repo: Path, make_client: MakeClient
+) -> None:
+    # The other model's production alias points at a version that is not there.
+    (repo / OTHER / "aliases.json").write_text(json.dumps({"production": 9}))
+    client = make_client()
+    ready = client.get("/health/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["models"] == {MODEL: 2, OTHER: None}
+    assert "points to version 9" in ready.json()["not_ready"][OTHER]
+    other = client.get(f"/health/ready/{OTHER}")
+    assert other.status_code == 503 and "points to version 9" in other.json()["error"]["message"]
+    assert client.post("/v1/predict", files=files(("a.jpg", image_bytes()))).status_code == 200
+    health = service_of(client).health
+    assert health.ready(MODEL) == Readiness(models={MODEL: 2})
+
+
+def test_the_default_models_problem_is_the_services(repo: Path, make_client: MakeClient) -> None:
+    (repo / MODEL / "aliases.json").write_text(json.dumps({"production": 9}))
+    health = service_of(make_client(ready=False)).health
+    with pytest.raises(Unavailable) as info:
+        health.ready()
+    assert info.value.code == "not_ready"
+    assert info.value.details == {
+        "reasons": [
+            f"alias 'production' of model {MODEL!r} points to version 9, which is not in the "
+            "model repository"
+        ]
+    }
+    assert health.ready(OTHER) == Readiness(models={OTHER: 1})

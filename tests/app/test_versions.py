@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
+import pytest
 from fastapi.testclient import TestClient
 
 from tests.app.conftest import (
     MODEL,
     OTHER,
+    TOKEN,
     add_version,
     files,
     image_bytes,
@@ -20,6 +23,7 @@ from tests.app.conftest import (
 from tests.app.test_api import assert_error
 
 JPEG = image_bytes("JPEG")
+ADMIN = {"Authorization": f"Bearer {TOKEN}"}
 MakeClient = Callable[..., TestClient]
 
 
@@ -76,8 +80,11 @@ def test_wrong_shapes_and_incomplete_metadata_fail_with_their_reasons(
     other = client.get(f"/v1/models/{OTHER}/versions/1").json()
     assert "class_names" in other["error"] and "incomplete or invalid metadata" in other["error"]
     assert other["metadata"] is None and "class_names" in other["metadata_error"]
+    # The default model answers (v1), so the service is ready; the other model is not.
     ready = client.get("/health/ready")
-    error = assert_error(ready, 503, "not_ready", OTHER)
+    assert ready.status_code == 200 and ready.json()["models"] == {MODEL: 1, OTHER: None}
+    assert "no ready version" in ready.json()["not_ready"][OTHER]
+    error = assert_error(client.get(f"/health/ready/{OTHER}"), 503, "not_ready", OTHER)
     assert any("no ready version" in r for r in error["details"]["reasons"])  # type: ignore[index]
     assert client.get(f"/health/ready/{MODEL}").status_code == 200
     assert predict_version(client).json()["version"] == 1  # type: ignore[attr-defined]
@@ -95,14 +102,54 @@ def test_production_alias_is_the_default_and_is_loaded(repo: Path, make_client: 
     assert predict_version(client, "latest").json()["version"] == 2  # type: ignore[attr-defined]
 
 
-def test_malformed_aliases_are_reported_and_latest_serves(
+def test_unreadable_aliases_at_start_leave_the_default_unknown(
     repo: Path, make_client: MakeClient
 ) -> None:
+    # No good copy was ever read: serving 'latest' could move production traffic.
     (repo / MODEL / "aliases.json").write_text('{"production": "three"}')
-    client = make_client()
+    client = make_client(ready=False)
     body = client.get(f"/v1/models/{MODEL}").json()
     assert "must point to a positive integer" in body["aliases_error"]
-    assert body["default_version"] == 2
+    assert (body["default_selector"], body["default_version"], body["aliases"]) == (None, None, {})
+    for response in (predict_version(client), predict_version(client, "production")):
+        assert_error(response, 503, "aliases_unreadable", "aliases.json", "must point to")
+    assert_error(client.get("/health/ready"), 503, "not_ready", "aliases.json")
+    assert predict_version(client, "2").json()["version"] == 2  # type: ignore[attr-defined]
+    assert predict_version(client, "latest").json()["version"] == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "broken",
+    [b'{"production": 3', b"\xff\xfe\x00{", b"[2]", b'{"production": "two"}', b""],
+    ids=["truncated", "not-utf8", "not-an-object", "not-a-number", "empty"],
+)
+def test_a_broken_aliases_file_keeps_the_last_good_aliases(
+    repo: Path, make_client: MakeClient, broken: bytes
+) -> None:
+    add_version(repo, MODEL, repo / MODEL / "1")  # v3
+    aliases = repo / MODEL / "aliases.json"
+    aliases.write_text(json.dumps({"production": 2}))
+    client = make_client(admin_token=TOKEN)
+    assert states(client) == {1: "available", 2: "ready", 3: "ready"}
+    assert predict_version(client).json()["version"] == 2  # type: ignore[attr-defined]
+    replace_file(aliases, broken)
+    report = client.post("/v1/admin/rescan", headers=ADMIN).json()
+    assert report["unloaded"] == [] and report["loaded"] == []
+    # Nothing that serves changed: production is still v2, v2 still loaded, still ready.
+    assert states(client) == {1: "available", 2: "ready", 3: "ready"}
+    assert predict_version(client).json()["version"] == 2  # type: ignore[attr-defined]
+    assert client.post("/v1/predict", files=files(("a", JPEG))).json()["version"] == 2
+    assert client.get("/health/ready").json()["models"] == {MODEL: 2, OTHER: 1}
+    body = client.get(f"/v1/models/{MODEL}").json()
+    assert body["aliases"] == {"production": 2} and body["default_version"] == 2
+    assert body["aliases_error"].startswith("aliases.json: ")
+    assert str(repo) not in body["aliases_error"]
+    # A good file is taken again at the next scan.
+    replace_file(aliases, json.dumps({"production": 3}).encode())
+    report = client.post("/v1/admin/rescan", headers=ADMIN).json()
+    assert report["unloaded"] == [f"{MODEL} v2"]
+    assert predict_version(client).json()["version"] == 3  # type: ignore[attr-defined]
+    assert client.get(f"/v1/models/{MODEL}").json()["aliases_error"] is None
 
 
 def test_polling_picks_up_new_versions_and_aliases(repo: Path, make_client: MakeClient) -> None:
@@ -119,3 +166,28 @@ def test_missing_default_model_keeps_the_service_unready(make_client: MakeClient
     client = make_client(ready=False, default_model="not-published")
     assert_error(client.get("/health/ready"), 503, "not_ready", "'not-published'")
     assert_error(client.post("/v1/predict", files=files(("a", JPEG))), 404, "unknown_model")
+
+
+# '²' made int() fail (500); '١' and '１' silently named v1; '01' gave 404 while '1' worked.
+NOT_VERSIONS = ["²", "³", "¹", "١", "１", "01", "0", "-1", "+1", " 1", "1_0", "1.0", "1" * 10]
+NOT_VERSIONS += ["9" * 5000]
+
+
+def test_a_version_is_ascii_digits_without_a_leading_zero_everywhere(
+    make_client: MakeClient,
+) -> None:
+    client = make_client(admin_token=TOKEN)
+    for spec in NOT_VERSIONS:
+        path = f"/v1/models/{MODEL}/versions/{quote(spec)}"
+        error = assert_error(client.get(path), 422, "invalid_version", "1-9 ASCII digits")
+        assert len(error["message"]) < 300  # type: ignore[arg-type]
+        assert_error(
+            client.post(f"{path}/predict", files=files(("a", JPEG))), 422, "invalid_version"
+        )
+        for action in ("load", "unload"):
+            response = client.post(f"{path}/{action}".replace("/v1/", "/v1/admin/"), headers=ADMIN)
+            assert_error(response, 422, "invalid_request", "1-9 ASCII digits")
+    # Well formed, but naming nothing: 404.
+    assert_error(client.get(f"/v1/models/{MODEL}/versions/999999999"), 404, "unknown_version")
+    assert_error(client.get(f"/v1/models/{MODEL}/versions/v1"), 404, "unknown_version")
+    assert client.get(f"/v1/models/{MODEL}/versions/1").json()["version"] == 1

@@ -1,6 +1,7 @@
 import json
 import multiprocessing
 import os
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -198,3 +199,29 @@ def test_aliases_round_trip_and_validation(tmp_path: Path) -> None:
     (tmp_path / "aliases.json").write_text(json.dumps({"production": "three"}))
     with pytest.raises(ArtifactError, match="must point to a positive integer"):
         read_aliases(tmp_path)
+
+
+def test_only_ascii_version_folders_are_versions(tmp_path: Path) -> None:
+    publish(tmp_path)
+    model_dir = tmp_path / NAME
+    # str.isdigit() accepts the first four, int() reads '١' and '１' as 1 and refuses '²'.
+    for junk in ("²", "١", "１", "01", "0", "1_0", "v2", "1234567890"):
+        (model_dir / junk).mkdir()
+    (model_dir / "7").write_text("a file, not a folder")
+    (model_dir / "8").symlink_to(model_dir / "missing")
+    assert list_versions(model_dir) == [1]
+    with pytest.raises(ArtifactError, match="1-9 ASCII digits without a leading zero"):
+        load_version(model_dir / "١")
+
+
+def test_publish_skips_a_stray_file_that_holds_the_next_number(tmp_path: Path) -> None:
+    publish(tmp_path)
+    (tmp_path / NAME / "2").write_text("not a version")
+    (tmp_path / NAME / "3").symlink_to(tmp_path / "nowhere")
+    # Run where a hang shows as a failure: before, publishing retried number 2 forever.
+    done: list[Path] = []
+    worker = threading.Thread(target=lambda: done.append(publish(tmp_path)), daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert done == [tmp_path / NAME / "4"]
+    assert list_versions(tmp_path / NAME) == [1, 4]

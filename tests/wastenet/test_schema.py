@@ -12,13 +12,16 @@ from pydantic import ValidationError
 from wastenet.artifacts import ArtifactError, read_export
 from wastenet.classes import CLASS_NAMES
 from wastenet.schema import (
+    MAX_VERSION,
     ONNX_FILE,
     ONNX_INT8_FILE,
     AgreementReport,
     ClassAgreement,
+    DataProvenance,
     ExportedFile,
     ModelMetadata,
     Quantization,
+    parse_version,
 )
 
 SHA = "ab" * 32
@@ -114,3 +117,52 @@ def test_read_export_refuses_a_tampered_or_missing_file(tmp_path: Path) -> None:
     (tmp_path / ONNX_INT8_FILE).unlink()
     with pytest.raises(ArtifactError, match="missing"):
         read_export(tmp_path, record)
+
+
+def metadata(**changes: Any) -> dict[str, Any]:
+    return {
+        "format_version": 1,
+        "architecture": {},
+        "class_names": list(CLASS_NAMES),
+        "preprocessing": {},
+        "weights_sha256": SHA,
+        "evaluation": {"num_samples": 1, "accuracy": 1.0, "macro_f1": 1.0, "per_class_f1": {}},
+        "training_config_digest": "x",
+        "created_at": "2025-01-01T00:00:00Z",
+        "torch_version": "2",
+        "torchvision_version": "0",
+        **changes,
+    }
+
+
+def test_data_provenance_is_optional_and_checked_when_present() -> None:
+    assert ModelMetadata.model_validate(metadata()).data is None  # versions from before it
+    record = {
+        "source": "/data/garbage", "root": "/data/garbage", "seed": 3, "presplit": False,
+        "val_fraction": 0.15, "test_fraction": 0.15, "splits_digest": SHA,
+        "split_digests": {"train": SHA, "val": SHA, "test": SHA},
+        "counts": {"train": 70, "val": 15, "test": 15},
+    }  # fmt: skip
+    meta = ModelMetadata.model_validate(metadata(data=record))
+    assert meta.data == DataProvenance(**record) and meta.data.splits_file is None
+    with pytest.raises(ValidationError, match="splits_digest"):
+        ModelMetadata.model_validate(metadata(data={**record, "splits_digest": "short"}))
+    with pytest.raises(ValidationError, match="seed"):
+        ModelMetadata.model_validate(metadata(data={**record, "seed": -1}))
+
+
+@pytest.mark.parametrize(
+    ("name", "number"),
+    [("1", 1), ("10", 10), ("999999999", 999_999_999), (str(MAX_VERSION), MAX_VERSION)],
+)
+def test_a_version_is_ascii_digits_without_a_leading_zero(name: str, number: int) -> None:
+    assert parse_version(name) == number
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "0", "01", "²", "³", "١", "１", "1_0", " 1", "1 ", "1\n", "+1", "-1", "1.0", "v1",
+     "latest", "1" * 10, "9" * 5000],
+)  # fmt: skip
+def test_anything_else_names_no_version(name: str) -> None:
+    assert parse_version(name) is None
