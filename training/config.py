@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.augment import AugmentConfig
+from training.export import ExportConfig
 from wastenet.nets import ModelConfig
 from wastenet.schema import Preprocessing
 
@@ -232,6 +233,11 @@ class TrainConfig(BaseModel):
         default=None, description="model name to publish under (default: waste-<arch>-<cbam>)"
     )
     description: str = Field(default="", description="description stored with the version")
+    export: ExportConfig = Field(
+        default_factory=ExportConfig,
+        description="ONNX files published with the version (onnx, int8, calibration, "
+        "agreement threshold)",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -671,7 +671,15 @@ def _publish(config: TrainConfig, run_dir: Path, log: RunLog) -> VersionRef | No
         return None
     from training.publish import publish_run
 
-    version = publish_run(run_dir, config.publish_repo, config.publish_name, config.description)
+    version = publish_run(
+        run_dir,
+        config.publish_repo,
+        config.publish_name,
+        config.description,
+        export=config.export,
+        progress=config.progress,
+        log=log,
+    )
     log(f"published {version.name} version {version.version} at {version.path}")
     return version
 
