@@ -11,7 +11,7 @@ with the fp32 PyTorch model before it may be published.
 - ``export_files``: all of it for one version, refusing a file below the threshold.
 
 ONNX and onnxscript (the ``train`` extra) and ONNX Runtime are imported where used, so that
-reading an :class:`ExportConfig` costs nothing.
+``training.config`` can hold an :class:`ExportConfig` without loading the export tooling.
 """
 
 from __future__ import annotations
