@@ -15,13 +15,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
-from training.config import (
-    ConfigError,
-    TrainConfig,
-    load_config,
-    merge,
-    read_config,
-)
+from training.config import ConfigError, TrainConfig, load_config, merge, read_config
 from training.export import ExportConfig
 
 # Settings that may change when a run is resumed; everything else must stay as it was.
