@@ -49,7 +49,14 @@ FP32_TOLERANCE = 1e-4
 NAME_SCOPES = "pkg.torch.onnx.name_scopes"
 
 QuantRecipeName = Literal[
-    "all", "conv", "conv-keep-attention", "conv-keep-attention-stem", "backbone", "conv-s8"
+    "all",
+    "conv",
+    "conv-keep-stem",
+    "conv-keep-attention",
+    "conv-keep-attention-stem",
+    "backbone",
+    "backbone-keep-stem",
+    "conv-s8",
 ]
 Log = Callable[[str], None]
 
@@ -67,6 +74,7 @@ class QuantRecipe:
 RECIPES: dict[str, QuantRecipe] = {
     "all": QuantRecipe("every operator ONNX Runtime can quantise"),
     "conv": QuantRecipe("convolutions only (CBAM MLPs, gates and classifier fp32)", ("Conv",)),
+    "conv-keep-stem": QuantRecipe("convolutions except the stem", ("Conv",), keep_fp32=("stem",)),
     "conv-keep-attention": QuantRecipe(
         "convolutions outside CBAM only", ("Conv",), keep_fp32=("attention",)
     ),
@@ -75,6 +83,10 @@ RECIPES: dict[str, QuantRecipe] = {
     ),
     "backbone": QuantRecipe(
         "every operator except CBAM and the classifier", keep_fp32=("attention", "classifier")
+    ),
+    "backbone-keep-stem": QuantRecipe(
+        "every operator except CBAM, the classifier and the stem",
+        keep_fp32=("attention", "classifier", "stem"),
     ),
     "conv-s8": QuantRecipe(
         "convolutions only, signed int8 activations", ("Conv",), activation_type="QInt8"
