@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1.7
-#
 # Images of the waste classifier. One Dockerfile, two targets:
 #
 #   serve (the default, last stage)   docker build -t waste-classifier .
@@ -14,8 +12,10 @@
 # CPU only: --build-arg TORCH_VARIANT=cpu installs the same pinned versions from PyTorch's
 # CPU wheel index (torch==2.14.1+cpu): no CUDA libraries, a much smaller image.
 #
-# Builds with BuildKit (Docker's default builder since 23.0; RUN --mount caches pip's
-# downloads); HEALTHCHECK --start-interval needs Docker Engine 25+ at run time.
+# Builds with BuildKit (Docker's default builder since 23.0, built into Engine 18.09+ with
+# DOCKER_BUILDKIT=1; RUN --mount caches pip's downloads). No `# syntax=` line: the engine's
+# own Dockerfile frontend reads everything here, and needs no registry to fetch one.
+# HEALTHCHECK --start-interval needs Docker Engine 25+ (older engines refuse the file).
 #
 # Requirements have one source of truth, pyproject.toml: the deps stage extracts
 # [project].dependencies (plus the `train` extra for the train target) and installs them

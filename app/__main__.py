@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         settings = load_settings()
-        # The device and precision are checked too, so a bad combination fails here,
-        # before uvicorn starts workers.
-        from app.inference import resolve_device, resolve_dtype
+        # The device, backend and precision are checked too, so a bad combination fails
+        # here, before uvicorn starts workers.
+        from app.selection import resolve
 
-        resolve_dtype(settings.precision, resolve_device(settings.device))
+        resolve(settings)
     except SettingsError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

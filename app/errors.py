@@ -8,6 +8,11 @@ Domain code raises :class:`ServiceError` subclasses; :func:`install_error_handle
 them, FastAPI's validation errors, Starlette's HTTP errors and anything unexpected to that
 shape. Unexpected exceptions are logged with their traceback and answered with a generic
 500 that never includes the traceback.
+
+Routes under ``/v2`` speak the Open Inference Protocol, whose clients read its own shape,
+``{"error": "message"}`` (:class:`ProtocolErrorResponse`): the same errors, statuses and
+headers, in that shape; a request that fails validation there is a 400, as the protocol
+has it.
 """
 
 from __future__ import annotations
@@ -37,6 +42,21 @@ class ErrorResponse(BaseModel):
     """The body of every error response."""
 
     error: ErrorBody
+
+
+class ProtocolErrorResponse(BaseModel):
+    """The body of every error on /v2 (the Open Inference Protocol's error shape)."""
+
+    error: str = Field(description="What was wrong, naming the input, element or limit.")
+
+
+PROTOCOL_PREFIX = "/v2"
+
+
+def is_protocol_request(request: Request) -> bool:
+    """Whether the request is for a /v2 route (the path below any root_path)."""
+    path = request.url.path.removeprefix(request.scope.get("root_path", ""))
+    return path == PROTOCOL_PREFIX or path.startswith(PROTOCOL_PREFIX + "/")
 
 
 class ServiceError(Exception):
@@ -136,6 +156,19 @@ def error_response(
     return JSONResponse(body, status_code=status_code, headers=headers)
 
 
+def _respond(
+    request: Request,
+    status_code: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    if is_protocol_request(request):
+        return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+    return error_response(status_code, code, message, details, headers)
+
+
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -163,12 +196,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return error_response(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+        return _respond(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         text, problems = _validation_message(exc)
-        return error_response(422, "invalid_request", text, {"problems": problems})
+        status = 400 if is_protocol_request(request) else 422
+        return _respond(request, status, "invalid_request", text, {"problems": problems})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -179,12 +213,12 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"method {request.method} is not allowed on {request.url.path}"
         headers = dict(exc.headers) if exc.headers else None
-        return error_response(exc.status_code, code, message, headers=headers)
+        return _respond(request, exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal_error", "internal error; see the service log")
+        return _respond(request, 500, "internal_error", "internal error; see the service log")
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -205,3 +239,26 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         status: {"model": ErrorResponse, "description": descriptions.get(status, "Error.")}
         for status in statuses
     }
+
+
+def protocol_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses=`` entries for /v2 routes: the protocol's error shape."""
+    descriptions = {
+        400: "Bad request: an invalid inference request or tensor (wrong name, datatype, "
+        "shape or size, undecodable image, binary data that does not add up).",
+        404: "Unknown model or version.",
+        413: "Over a limit (request bytes, bytes per image, images per request, pixels).",
+        415: "A compressed request body (Content-Encoding), which is not supported.",
+        503: "Not ready, version loading/failed/not loaded, queue full or timed out. "
+        "Carries Retry-After.",
+    }
+    responses: dict[int | str, dict[str, Any]] = {
+        status: {"model": ProtocolErrorResponse, "description": descriptions.get(status, "Error.")}
+        for status in statuses
+    }
+    # Also stands in for FastAPI's generated 422: /v2 answers a request it cannot parse 400.
+    responses["default"] = {
+        "model": ProtocolErrorResponse,
+        "description": "Any other error (an unexpected one is a 500), in the same shape.",
+    }
+    return responses

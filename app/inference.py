@@ -1,29 +1,29 @@
-"""The forward pass as served: device and precision, batch assembly, warm-up, top-k.
+"""The forward pass as served: batch assembly, warm-up and top-k over a backend.
 
-CPU: channels_last weights and inputs (oneDNN's fast layout) and one torch thread per
-usable core; the event loop and decode threads share those cores, which is why the
-inference executor has a single thread (two concurrent forwards would oversubscribe).
-CUDA: a pinned host buffer per version, non-blocking copies, optional fp16/bf16, and a
-warm-up at load for every batch size bucket in use.
+A batch is stacked into one preallocated uint8 buffer (pinned on CUDA) in the serving
+layout ``(n, H, W, 3)``, the backend (app.backends) normalises it once into what its
+network reads, and the logits come back to the host once per batch for softmax and
+top-k. CPU: one intra-op thread per usable core; the event loop and decode threads share
+those cores, which is why the inference executor has a single thread (two concurrent
+forwards would oversubscribe). CUDA: a warm-up at load for every batch-size bucket.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
-from torch import Tensor, nn
 
-from app.settings import Settings, SettingsError
+from app.backends import Backend
+from app.settings import Settings
 from wastenet.artifacts import LoadedVersion
-from wastenet.preprocess import normalize
 from wastenet.schema import Preprocessing
 
 log = logging.getLogger("app.inference")
-
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def usable_cores() -> int:
@@ -31,36 +31,6 @@ def usable_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         return os.cpu_count() or 1
-
-
-def resolve_device(setting: str) -> torch.device:
-    """``auto``/``cpu``/``cuda``/``cuda:N`` -> a device that exists, or SettingsError."""
-    if setting == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if setting == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise SettingsError(
-            f"WASTE_DEVICE={setting!r} but CUDA is not available to torch {torch.__version__} "
-            "(no GPU, driver or CUDA build); use WASTE_DEVICE=auto or cpu"
-        )
-    device = torch.device(setting)
-    index = device.index if device.index is not None else 0
-    count = torch.cuda.device_count()
-    if index >= count:
-        raise SettingsError(f"WASTE_DEVICE={setting!r} but only {count} CUDA device(s) exist")
-    return device
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    if precision != "fp32" and device.type != "cuda":
-        raise SettingsError(
-            f"WASTE_PRECISION={precision} needs a CUDA device (the device is {device}); "
-            "use fp32 on CPU"
-        )
-    if precision == "bf16" and not torch.cuda.is_bf16_supported():
-        raise SettingsError("WASTE_PRECISION=bf16 but this GPU does not support bfloat16")
-    return _DTYPES[precision]
 
 
 def configure_threads(settings: Settings) -> int:
@@ -84,85 +54,82 @@ def warmup_batch_sizes(max_batch_size: int, device: torch.device) -> list[int]:
 
 @dataclass(frozen=True)
 class InferenceItem:
-    """One image for the batcher: uint8 (3, H, W) and how many classes to return."""
+    """One image for the batcher, and how many classes to return.
 
-    image: Tensor
+    ``image`` is either what decoding produces, uint8 ``(H, W, 3)``, or the network input
+    itself, already normalised: float32 ``(3, H, W)`` (the Open Inference Protocol's FP32
+    input). Both kinds share one batcher, so they share its batches, queue bound and
+    metrics; a batch that mixes them costs one extra row copy per normalised item.
+    """
+
+    image: np.ndarray
     top_k: int
+
+    @property
+    def normalised(self) -> bool:
+        return bool(self.image.dtype == np.float32)
 
 
 TopK = list[tuple[int, float]]  # (class index, probability), most likely first
 
 
+def top_k(logits: np.ndarray, ks: Sequence[int]) -> list[TopK]:
+    """Softmax per row (float64), then the ``ks[row]`` most likely classes of each row."""
+    probs = logits.astype(np.float64)
+    probs -= probs.max(axis=1, keepdims=True)
+    np.exp(probs, out=probs)
+    probs /= probs.sum(axis=1, keepdims=True)
+    k = max(ks)
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+    values = np.take_along_axis(probs, order, axis=1)
+    return [
+        list(zip(order[row, :n].tolist(), values[row, :n].tolist(), strict=True))
+        for row, n in enumerate(ks)
+    ]
+
+
 class InferenceModel:
-    """A loaded version prepared for serving on one device; ``predict`` runs one batch."""
+    """A loaded version served by one backend; ``predict`` runs one batch at a time."""
 
     def __init__(
         self,
         loaded: LoadedVersion,
-        device: torch.device,
-        dtype: torch.dtype = torch.float32,
+        backend: Backend,
         max_batch_size: int = 1,
+        fallbacks: Sequence[str] = (),
     ) -> None:
         self.ref = loaded.ref
         self.metadata = loaded.metadata
         self.preprocessing: Preprocessing = loaded.metadata.preprocessing
         self.class_names = list(loaded.metadata.class_names)
-        self.device = device
-        self.dtype = dtype
+        self.backend = backend
+        self.fallbacks = list(fallbacks)  # faster choices skipped for this version, and why
         self.max_batch_size = max_batch_size
-        self.model = prepare_model(loaded.model, device, dtype)
+        self._batch = backend.host_buffer(max_batch_size)
         size = self.preprocessing.input_size
-        self._pinned: Tensor | None = None
-        if device.type == "cuda":
-            # Reused for every batch: the .cpu() at the end of predict() syncs before reuse.
-            self._pinned = torch.empty(
-                (max_batch_size, 3, size, size), dtype=torch.uint8
-            ).pin_memory()
+        self._blank = np.zeros((size, size, 3), dtype=np.uint8)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def inputs(self, images: list[Tensor]) -> Tensor:
-        """Stack uint8 images and normalise them on the device, in the serving layout."""
-        if self._pinned is not None and len(images) <= self._pinned.shape[0]:
-            host = torch.stack(images, out=self._pinned[: len(images)])
-            batch = host.to(self.device, non_blocking=True)
-        else:
-            batch = torch.stack(images).to(self.device)
-        # channels_last while still uint8 (a 1-byte copy); normalize keeps the layout.
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        x = normalize(batch, self.preprocessing).to(self.dtype)
-        return x.contiguous(memory_format=torch.channels_last)
+    def stack(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Copy the images into the batch buffer (the one copy between decode and normalise)."""
+        n = len(images)
+        batch = self._batch[:n] if n <= len(self._batch) else self.backend.host_buffer(n)
+        np.stack(images, out=batch)
+        return batch
 
-    def predict(self, items: list[InferenceItem]) -> list[TopK]:
+    def predict(self, items: Sequence[InferenceItem]) -> list[TopK]:
         """Forward one batch; runs on the inference thread (the batcher's ``process``)."""
-        k = max(item.top_k for item in items)
-        with torch.inference_mode():
-            x = self.inputs([item.image for item in items])
-            logits = self.model(x)
-            probs = logits.float().softmax(dim=1)
-            values, indices = probs.topk(k, dim=1)
-            # The one device->host sync per batch.
-            top_values = values.cpu().tolist()
-            top_indices = indices.cpu().tolist()
-        return [
-            list(zip(top_indices[row][: item.top_k], top_values[row][: item.top_k], strict=True))
-            for row, item in enumerate(items)
-        ]
+        inputs = {row: item.image for row, item in enumerate(items) if item.normalised}
+        if not inputs:
+            logits = self.backend.forward(self.stack([item.image for item in items]))
+        else:
+            # Normalised rows take a blank uint8 placeholder that forward_mixed overwrites.
+            images = [self._blank if item.normalised else item.image for item in items]
+            logits = self.backend.forward_mixed(self.stack(images), inputs)
+        return top_k(logits, [item.top_k for item in items])
 
     def warmup(self, batch_sizes: list[int]) -> None:
-        size = self.preprocessing.input_size
-        for batch_size in batch_sizes:
-            image = torch.zeros((3, size, size), dtype=torch.uint8)
-            self.predict([InferenceItem(image, 1)] * batch_size)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-
-def prepare_model(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    """Eval mode, no grads, on the device in ``dtype``, channels_last."""
-    model.eval()
-    model.requires_grad_(False)
-    model.to(device=device, dtype=dtype)
-    return model.to(memory_format=torch.channels_last)
+        self.backend.warm(batch_sizes)

@@ -14,9 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 from app.bootstrap import Bootstrap, bootstrap_once, check_repository
 from app.errors import Unavailable
 from app.images import configure_pillow
-from app.inference import configure_threads, resolve_device, resolve_dtype, usable_cores
+from app.inference import configure_threads, usable_cores
 from app.metrics import Metrics
 from app.registry import ModelRegistry
+from app.selection import resolve
 from app.settings import Settings
 
 log = logging.getLogger("app")
@@ -28,8 +29,9 @@ class Lifecycle:
     def __init__(self, settings: Settings, metrics: Metrics) -> None:
         self.settings = settings
         self.metrics = metrics
-        self.device = resolve_device(settings.device)
-        self.dtype = resolve_dtype(settings.precision, self.device)
+        # Impossible device/backend/precision combinations stop the service here.
+        self.capabilities, self.choices = resolve(settings)
+        self.device = self.capabilities.device
         self.registry: ModelRegistry | None = None
         self.started = False
         self.startup_error: str | None = None
@@ -74,16 +76,17 @@ class Lifecycle:
         self.registry = ModelRegistry(
             settings.model_dir,
             settings,
-            self.device,
-            self.dtype,
+            self.capabilities,
+            self.choices,
             self._inference_pool,
             self._loader_pool,
             on_batch=self.metrics.observe_batch,
         )
         log.info(
-            "device %s, %s, torch threads %s, decode threads %d, batch <= %d, delay %.1f ms",
+            "device %s, backends in order of preference: %s; intra-op threads %s, "
+            "decode threads %d, batch <= %d, delay %.1f ms",
             self.device,
-            settings.precision,
+            ", ".join(map(str, self.choices)),
             threads if threads is not None else "n/a",
             decode_threads,
             settings.max_batch_size,

@@ -17,6 +17,7 @@ from app.errors import install_error_handlers
 from app.routes import router
 from app.service import Service
 from app.settings import Settings, load_settings
+from app.v2.routes import router as v2_router
 
 DESCRIPTION = """\
 Classifies photos of waste into 12 classes (battery, biological, brown_glass, cardboard,
@@ -25,6 +26,11 @@ clothes, green_glass, metal, paper, plastic, shoes, trash, white_glass).
 Upload one or more images as multipart/form-data in the field `files`. Every response
 names the model and version that answered. Every error has the same JSON shape:
 `{"error": {"code", "message", "details"}}`.
+
+The Open Inference Protocol (KServe V2) is served under `/v2`: health, metadata and
+inference on a BYTES tensor of encoded images or an FP32 tensor of normalised ones, with the
+binary tensor data and classification extensions. Its errors have the protocol's shape,
+`{"error": "message"}`.
 """
 
 
@@ -61,4 +67,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.service = service
     install_error_handlers(app)
     app.include_router(router)
+    app.include_router(v2_router)
     return app

@@ -115,7 +115,14 @@ class Predictor:
         self._count_images(entry, len(files), len(rejected))
         if len(rejected) == len(files):
             raise no_usable_image(rejected)
-        return PredictResponse(model=entry.name, version=entry.version, predictions=predictions)
+        backend = model.backend
+        return PredictResponse(
+            model=entry.name,
+            version=entry.version,
+            backend=backend.name,
+            precision=backend.precision,
+            predictions=predictions,
+        )
 
     async def _classify(
         self,
@@ -128,11 +135,11 @@ class Predictor:
     ) -> list[Outcome]:
         """Decode in worker threads, run through the batcher; every outcome is settled."""
         loop = asyncio.get_running_loop()
-        max_pixels = self._lifecycle.settings.max_image_pixels
+        settings = self._lifecycle.settings
+        max_pixels, draft = settings.max_image_pixels, settings.jpeg_draft
+        pool = self._lifecycle.decode_pool
         decodes = [
-            loop.run_in_executor(
-                self._lifecycle.decode_pool, decode_image, f.data, f.filename, prep, max_pixels
-            )
+            loop.run_in_executor(pool, decode_image, f.data, f.filename, prep, max_pixels, draft)
             for f in files
         ]
         outcomes: list[Outcome] = []
@@ -188,7 +195,7 @@ async def _submit_in_batches(
             outcomes.append(rejected)
         else:
             outcomes.append(None)  # submitted below
-            ready.append((index, InferenceItem(decoded.tensor, top_k)))
+            ready.append((index, InferenceItem(decoded.array, top_k)))
         if ready and (len(ready) == batcher.max_batch_size or index == len(decodes) - 1):
             for position, item in ready:
                 outcomes[position] = batcher.submit(item, reservation)

@@ -26,15 +26,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
+from app.backends import BackendUnavailable, open_backend
 from app.batcher import BatchStats, DynamicBatcher
 from app.errors import NotFound, Unavailable
-from app.inference import InferenceItem, InferenceModel, TopK, warmup_batch_sizes
+from app.inference import InferenceItem, InferenceModel, TopK, usable_cores, warmup_batch_sizes
 from app.schemas import ScanResult, VersionInfo
+from app.selection import Capabilities, Choice
 from app.settings import Settings
 from wastenet.artifacts import (
     ArtifactError,
+    LoadedVersion,
     list_models,
     list_versions,
     load_version,
@@ -137,16 +138,16 @@ class ModelRegistry:
         self,
         repo: Path,
         settings: Settings,
-        device: torch.device,
-        dtype: torch.dtype,
+        capabilities: Capabilities,
+        choices: list[Choice],
         inference_executor: Executor,
         loader_executor: Executor,
         on_batch: BatchObserver | None = None,
     ) -> None:
         self.repo = repo
         self.settings = settings
-        self.device = device
-        self.dtype = dtype
+        self.capabilities = capabilities
+        self.choices = choices
         self._inference_executor = inference_executor
         self._loader_executor = loader_executor
         self._on_batch = on_batch
@@ -389,13 +390,16 @@ class ModelRegistry:
             loaded = await loop.run_in_executor(
                 self._loader_executor, load_version, entry.path, "cpu"
             )
-            model = InferenceModel(loaded, self.device, self.dtype, settings.max_batch_size)
-            if settings.warmup:
-                sizes = warmup_batch_sizes(settings.max_batch_size, self.device)
+            model = await loop.run_in_executor(self._loader_executor, self._prepare, loaded)
+            if settings.warmup or settings.cuda_graphs:
+                sizes = warmup_batch_sizes(settings.max_batch_size, self.capabilities.device)
                 # On the inference thread, so warm-up never competes with a serving forward.
                 await loop.run_in_executor(self._inference_executor, model.warmup, sizes)
         except ArtifactError as exc:
             self._fail(entry, f"{exc.path.name}: {exc.problem}")
+            return
+        except BackendUnavailable as exc:
+            self._fail(entry, f"no backend can serve it: {exc}")
             return
         except Exception as exc:
             log.exception("loading %s failed", entry.label)
@@ -403,6 +407,23 @@ class ModelRegistry:
             return
         if self._closed:
             return
+        self._serve(entry, model)
+
+    def _prepare(self, loaded: LoadedVersion) -> InferenceModel:
+        """Open the first backend that can serve the version (on the loader thread)."""
+        settings = self.settings
+        backend, skipped = open_backend(
+            self.choices,
+            loaded,
+            self.capabilities,
+            threads=settings.torch_threads or usable_cores(),
+            max_batch_size=settings.max_batch_size,
+            cuda_graphs=settings.cuda_graphs,
+        )
+        return InferenceModel(loaded, backend, settings.max_batch_size, skipped)
+
+    def _serve(self, entry: VersionEntry, model: InferenceModel) -> None:
+        settings = self.settings
         batcher: DynamicBatcher[InferenceItem, TopK] = DynamicBatcher(
             model.predict,
             max_batch_size=settings.max_batch_size,
@@ -415,12 +436,13 @@ class ModelRegistry:
         batcher.start()
         entry.served = ServedVersion(model, batcher, datetime.now(UTC))
         entry.state, entry.error = VersionState.READY, None
+        skipped = f" (skipped: {'; '.join(model.fallbacks)})" if model.fallbacks else ""
         log.info(
-            "%s ready on %s (%s, batch <= %d)",
+            "%s ready: %s, batch <= %d%s",
             entry.label,
-            self.device,
-            str(self.dtype).removeprefix("torch."),
+            model.backend.describe(),
             settings.max_batch_size,
+            skipped,
         )
 
     def _batch_hook(self, entry: VersionEntry) -> Callable[[BatchStats], None] | None:
@@ -513,6 +535,7 @@ def repository_has_models(repo: Path) -> bool:
 def describe_version(model: ModelEntry, entry: VersionEntry) -> VersionInfo:
     """The state of one version as the API shows it."""
     served = entry.served
+    backend = served.model.backend if served else None
     return VersionInfo(
         version=entry.version,
         state=entry.state.value,
@@ -521,4 +544,8 @@ def describe_version(model: ModelEntry, entry: VersionEntry) -> VersionInfo:
         pinned=entry.pinned,
         loaded_at=served.loaded_at.isoformat() if served else None,
         queue_depth=served.batcher.queue_depth if served else None,
+        backend=backend.name if backend else None,
+        precision=backend.precision if backend else None,
+        device=str(backend.device) if backend else None,
+        skipped_backends=served.model.fallbacks if served else [],
     )

@@ -41,6 +41,10 @@ FileResult = Annotated[ImagePrediction | ImageFailure, Field(discriminator="stat
 class PredictResponse(BaseModel):
     model: str = Field(description="The model that answered.")
     version: int = Field(description="The version that answered.")
+    backend: Literal["torch", "onnxruntime"] = Field(description="The backend that answered.")
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        description="The precision it answered in."
+    )
     predictions: list[FileResult] = Field(
         description="One entry per uploaded file, in upload order."
     )
@@ -56,6 +60,20 @@ class VersionInfo(BaseModel):
     pinned: bool = Field(description="Loaded by an admin; kept when newer versions arrive.")
     loaded_at: str | None
     queue_depth: int | None = Field(description="Images waiting in its batcher (when ready).")
+    backend: Literal["torch", "onnxruntime"] | None = Field(
+        default=None, description="The backend serving it (when ready)."
+    )
+    precision: Literal["fp32", "fp16", "bf16", "int8"] | None = Field(
+        default=None, description="The precision it is served in (when ready)."
+    )
+    device: str | None = Field(default=None, description="cpu or cuda:N (when ready).")
+    skipped_backends: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Faster backend/precision choices this version could not take, each with the "
+            "reason (e.g. a missing or tampered model.int8.onnx)."
+        ),
+    )
 
 
 class ModelInfo(BaseModel):

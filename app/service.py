@@ -6,6 +6,8 @@
 - :class:`~app.catalog.Catalog`: models, versions, aliases and model.json.
 - :class:`~app.admin.Admin`: the admin token, rescans, loading and aliases.
 - :class:`~app.prediction.Predictor`: uploads in, one answer per file out.
+- :class:`~app.v2.service.OpenInference`: the Open Inference Protocol (``/v2``), whose
+  tensors go through :class:`~app.tensor_prediction.TensorPredictor` to the same batchers.
 
 Every use case returns a response model of :mod:`app.schemas` or raises a
 :class:`~app.errors.ServiceError`; the routes only parse parameters and call one of them.
@@ -23,6 +25,8 @@ from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.prediction import Predictor
 from app.settings import Settings
+from app.tensor_prediction import TensorPredictor
+from app.v2.service import OpenInference
 
 
 class Service:
@@ -35,6 +39,9 @@ class Service:
         self.catalog = Catalog(self.lifecycle)
         self.admin = Admin(self.lifecycle)
         self.predictor = Predictor(self.lifecycle, self.metrics)
+        self.open_inference = OpenInference(
+            self.lifecycle, self.metrics, self.health, TensorPredictor(self.lifecycle, self.metrics)
+        )
 
     async def start(self) -> None:
         await self.lifecycle.start()
@@ -43,7 +50,9 @@ class Service:
         await self.lifecycle.stop()
 
 
-def service_from(request: Request) -> Service:
+async def service_from(request: Request) -> Service:
+    """The routes' dependency. ``async`` on purpose: FastAPI runs a plain ``def``
+    dependency in its thread pool, one thread hop per request for a dictionary lookup."""
     service = getattr(request.app.state, "service", None)
     if service is None:
         raise Unavailable("the service is not initialised", code="not_ready")

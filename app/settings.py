@@ -23,7 +23,8 @@ ENV_PREFIX = "WASTE_"
 _DEVICE_RE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 MiB = 1024 * 1024
 
-Precision = Literal["fp32", "fp16", "bf16"]
+Backend = Literal["auto", "torch", "onnxruntime"]
+Precision = Literal["auto", "fp32", "fp16", "bf16", "int8"]
 
 
 class SettingsError(ValueError):
@@ -68,15 +69,44 @@ class Settings(BaseSettings):
         default="auto",
         description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.",
     )
+    backend: Backend = Field(
+        default="auto",
+        description=(
+            "auto (per version, the fastest backend the version and the device support), "
+            "torch, or onnxruntime (the version's exported ONNX files)."
+        ),
+    )
     precision: Precision = Field(
-        default="fp32",
-        description="fp32, or half precision on CUDA only: fp16 or bf16.",
+        default="auto",
+        description=(
+            "auto (CPU: int8 when the version ships it, else fp32; CUDA: bf16, or fp16 "
+            "before compute capability 8.0), fp32, bf16 (torch; on CPU only where it has "
+            "native bf16), fp16 (torch on CUDA) or int8 (onnxruntime, versions that ship "
+            "model.int8.onnx)."
+        ),
+    )
+    cuda_graphs: bool = Field(
+        default=False,
+        description=(
+            "CUDA only, torch backend: capture one CUDA graph per warmed batch size and "
+            "replay it (batches are padded to the next warmed size)."
+        ),
+    )
+    jpeg_draft: bool = Field(
+        default=True,
+        description=(
+            "Decode JPEGs at least twice the resize size at a reduced scale (much cheaper; "
+            "within a few grey levels of the full decode). false = exactly training's pixels."
+        ),
     )
     torch_threads: int = Field(
         default=0,
         ge=0,
         le=512,
-        description="torch intra-op threads for CPU inference (0 = one per usable CPU core).",
+        description=(
+            "Intra-op threads of the CPU forward pass, torch or ONNX Runtime "
+            "(0 = one per usable CPU core)."
+        ),
     )
     decode_threads: int = Field(
         default=0,

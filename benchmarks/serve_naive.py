@@ -3,7 +3,7 @@
 This is how a model is commonly put behind FastAPI: a synchronous endpoint (run by
 Starlette's thread pool, so concurrent requests run concurrent forward passes) taking
 ``UploadFile``s, decoding them and calling the network on that request's images alone.
-It uses the same decode, preprocessing and prepared network as the service, so the
+It uses the same decode, preprocessing and prepared torch network as the service, so the
 difference measured is the serving design (batching, one inference thread), nothing else.
 
     python benchmarks/serve_naive.py --version-dir models/waste-resnet18-cbam/1 --port 8100
@@ -22,28 +22,36 @@ import torch
 import uvicorn
 from fastapi import FastAPI, File, UploadFile
 
+from app.backends import TorchBackend
 from app.images import decode_image
-from app.inference import InferenceItem, InferenceModel, usable_cores
+from app.inference import top_k, usable_cores
 from wastenet.artifacts import load_version
+from wastenet.preprocess import normalize
 
 
 def build_app(version_dir: Path) -> FastAPI:
     torch.set_num_threads(usable_cores())
-    model = InferenceModel(load_version(version_dir), torch.device("cpu"))
+    loaded = load_version(version_dir)
+    prep, class_names = loaded.metadata.preprocessing, loaded.metadata.class_names
+    # The service's prepared network (eval, channels_last), without its batch buffers:
+    # concurrent requests here run concurrent forward passes, each on its own tensors.
+    prepared = TorchBackend(loaded.model, torch.device("cpu"), "fp32", prep, len(class_names), 1)
+    network = prepared.module
     app = FastAPI()
 
     @app.post("/v1/predict")
     def predict(files: Annotated[list[UploadFile], File()]) -> dict[str, Any]:
-        items = []
+        images = []
         for upload in files:
             data = upload.file.read()
-            decoded = decode_image(data, upload.filename or "file", model.preprocessing, 10**8)
-            items.append(InferenceItem(decoded.tensor, 3))
-        top = model.predict(items)
+            decoded = decode_image(data, upload.filename or "file", prep, 10**8)
+            images.append(torch.from_numpy(decoded.array))
+        batch = torch.stack(images).permute(0, 3, 1, 2)  # channels_last memory already
+        with torch.inference_mode():
+            logits = network(normalize(batch, prep)).numpy()
+        top = top_k(logits, [3] * len(images))
         return {
-            "predictions": [
-                {"label": model.class_names[t[0][0]], "confidence": t[0][1]} for t in top
-            ]
+            "predictions": [{"label": class_names[t[0][0]], "confidence": t[0][1]} for t in top]
         }
 
     @app.get("/health/ready")

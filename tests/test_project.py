@@ -12,11 +12,14 @@ def readme_commands() -> list[str]:
     return re.findall(r"```bash\n(.+?)\n```", text, flags=re.S)
 
 
-def test_ci_runs_the_readme_test_command() -> None:
+def test_ci_runs_the_readme_test_commands() -> None:
     ci = (ROOT / ".ci" / "run").read_text().strip().splitlines()
-    test_command = readme_commands()[1]
-    assert ci[-1] == test_command
+    commands = [line for line in ci if line and not line.startswith(("#", "set ", "cd "))]
+    test_command, image_test_command = readme_commands()[1:3]
+    # The suite first, then the image test, and nothing else.
+    assert commands == [test_command, image_test_command]
     assert "pytest" in test_command
+    assert image_test_command.startswith(".venv/bin/pytest -m docker ")
 
 
 def test_readme_opens_with_the_service_then_the_tests() -> None:

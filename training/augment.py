@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torchvision.transforms.v2 as T
@@ -60,6 +60,37 @@ class AugmentConfig(BaseModel):
         le=180.0,
         description="Random rotation of up to this many degrees either way (0 = off); "
         "corners are filled with the normalisation mean.",
+    )
+
+    policy: Literal["none", "randaugment", "trivialaugment"] = Field(
+        default="none",
+        description="Automatic augmentation policy, after the steps above (torchvision's "
+        "RandAugment or TrivialAugmentWide); none = off.",
+    )
+    randaugment_ops: int = Field(
+        default=2, ge=1, le=10, description="RandAugment: operations applied to each image."
+    )
+    randaugment_magnitude: int = Field(
+        default=9, ge=0, le=30, description="RandAugment: strength of each operation (0-30)."
+    )
+    erasing: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description="Random erasing probability: a box of 2 to 33 percent of the image is set to "
+        "the normalisation mean (0 = off).",
+    )
+    mixup_alpha: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="MixUp: blend pairs of images and their labels with a Beta(alpha, alpha) "
+        "weight (0 = off; 0.2 is common).",
+    )
+    cutmix_alpha: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="CutMix: paste a box from another image, labels mixed by area (0 = off; "
+        "1.0 is common). With MixUp too, each batch uses one of the two at random.",
     )
 
     @model_validator(mode="after")
@@ -134,22 +165,63 @@ class TrainTransform:
             steps.append(T.ColorJitter(brightness=j, contrast=j, saturation=j))
         if aug.hue > 0:
             steps.append(RandomHueRotation(aug.hue))
+        fill = [round(255 * m) for m in p.mean]
         if aug.rotation > 0:
-            fill = [round(255 * m) for m in p.mean]
             steps.append(
                 T.RandomRotation(aug.rotation, interpolation=InterpolationMode.BILINEAR, fill=fill)
             )
+        if aug.policy == "randaugment":
+            steps.append(
+                T.RandAugment(aug.randaugment_ops, aug.randaugment_magnitude, fill=list(fill))
+            )
+        elif aug.policy == "trivialaugment":
+            steps.append(T.TrivialAugmentWide(fill=list(fill)))
         steps.append(T.PILToTensor())
         self._pipeline = T.Compose(steps)
+        # After normalising, so that the erased box is 0: the mean colour, not black.
+        self._erase = T.RandomErasing(aug.erasing, value=0.0) if aug.erasing > 0 else None
 
     def __call__(self, img: Image.Image) -> Tensor:
         uint8: Tensor = self._pipeline(to_rgb(img))
-        return normalize(uint8, self.preprocessing)
+        out = normalize(uint8, self.preprocessing)
+        if self._erase is not None:
+            out = self._erase(out)
+        return out
 
     def __repr__(self) -> str:
         return f"TrainTransform({self.preprocessing!r}, {self.augment!r})"
 
 
 def train_transform(p: Preprocessing, aug: AugmentConfig) -> Callable[[Image.Image], Tensor]:
-    """Random resized crop to ``p.input_size``, flips, colour jitter, small rotation, normalise."""
+    """Random resized crop to ``p.input_size``, flips, colour jitter, small rotation, the
+    optional policy, normalise, optional random erasing."""
     return TrainTransform(p, aug)
+
+
+class BatchMix:
+    """MixUp and/or CutMix on a batch: (images, int labels) -> (mixed images, soft labels).
+
+    torchvision's transforms; with both enabled each batch uses one, chosen at random.
+    Applied to whole batches on the device, after the loader.
+    """
+
+    def __init__(self, aug: AugmentConfig, num_classes: int) -> None:
+        mixes: list[Callable[..., Any]] = []
+        if aug.mixup_alpha > 0:
+            mixes.append(T.MixUp(alpha=aug.mixup_alpha, num_classes=num_classes))
+        if aug.cutmix_alpha > 0:
+            mixes.append(T.CutMix(alpha=aug.cutmix_alpha, num_classes=num_classes))
+        if not mixes:
+            raise ValueError("BatchMix needs mixup_alpha or cutmix_alpha > 0")
+        self._mix = mixes[0] if len(mixes) == 1 else T.RandomChoice(mixes)
+
+    def __call__(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        mixed, soft = self._mix(images, labels)
+        return mixed, soft
+
+
+def batch_transform(aug: AugmentConfig, num_classes: int) -> BatchMix | None:
+    """The batch-level mix for the training loop, or None when MixUp and CutMix are off."""
+    if aug.mixup_alpha == 0 and aug.cutmix_alpha == 0:
+        return None
+    return BatchMix(aug, num_classes)

@@ -4,8 +4,8 @@ Two payloads, each a dataclass with one writer (``save``) and one reader (``load
 
 - :class:`LastCheckpoint` (``last.pt``, written after every epoch): the model, optimizer,
   scheduler, gradient scaler, EMA, epoch, stage, history and RNG states.
-- :class:`BestCheckpoint` (``best.pt``): the weights of the best epoch (the EMA weights when
-  EMA is on).
+- :class:`BestCheckpoint` (``best.pt``): the weights of the best epoch: with EMA on, the
+  raw or the averaged weights, whichever validated better (``best.weights`` says which).
 
 Both also carry the resolved training config, and, for readers that do not parse it, the
 network config, class names and preprocessing as plain keys. On disk each is a dict with a
@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Literal, Self
 
 import numpy as np
 import torch
@@ -63,20 +63,22 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore :func:`rng_state`'s states. Tensors are read on the CPU: torch and numpy
+    accept only CPU byte tensors, wherever the checkpoint was mapped to."""
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     npst = state["numpy"]
     np.random.set_state(
         {
             "bit_generator": npst["bit_generator"],
-            "state": {"key": npst["key"].numpy().astype(np.uint32), "pos": npst["pos"]},
+            "state": {"key": npst["key"].cpu().numpy().astype(np.uint32), "pos": npst["pos"]},
             "has_gauss": npst["has_gauss"],
             "gauss": npst["gauss"],
         }
     )
-    torch.set_rng_state(state["torch"])
+    torch.set_rng_state(state["torch"].cpu())
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -113,9 +115,16 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
 StateDict = dict[str, Any]
 
 
+WeightsKind = Literal["raw", "ema"]
+
+
 @dataclass(frozen=True)
 class BestEpoch:
-    """The best epoch so far by ``config.best_metric``; epoch 0 means none yet."""
+    """The best epoch so far by ``config.best_metric``; epoch 0 means none yet.
+
+    ``weights`` says which weights scored it and are kept in best.pt: the trained network
+    (``raw``) or its moving average (``ema``); None in checkpoints that predate the choice.
+    """
 
     epoch: int = 0
     value: float | None = None
@@ -123,6 +132,7 @@ class BestEpoch:
     val_loss: float | None = None
     val_acc: float | None = None
     val_macro_f1: float | None = None
+    weights: WeightsKind | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -137,6 +147,7 @@ class BestEpoch:
             val_loss=data.get("val_loss"),
             val_acc=data.get("val_acc"),
             val_macro_f1=data.get("val_macro_f1"),
+            weights=data.get("weights"),
         )
 
 
@@ -210,7 +221,7 @@ class _Checkpoint:
 
 @dataclass(frozen=True, eq=False)
 class BestCheckpoint(_Checkpoint):
-    """``best.pt``: the weights of the best epoch (EMA weights when EMA is on)."""
+    """``best.pt``: the weights of the best epoch (raw or EMA, as ``best.weights`` says)."""
 
     KIND: ClassVar[str] = "best"
 
@@ -255,8 +266,10 @@ class LastCheckpoint(_Checkpoint):
         }
 
     def inference_weights(self) -> StateDict:
-        """The EMA weights when EMA is on (what validation saw), else the model's."""
-        if not self.ema:
+        """The weights that scored better in the last epoch's validation: the EMA weights
+        when EMA is on, unless that epoch's record says the raw weights won."""
+        epochs = self.history.get("epochs") or [{}]
+        if not self.ema or epochs[-1].get("weights") == "raw":
             return self.model
         # AveragedModel's state: the network under "module.", plus its counter.
         prefix = "module."

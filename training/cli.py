@@ -211,7 +211,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         dest="pretrained",
         action="store_false",
         default=argparse.SUPPRESS,
-        help="train from random weights (no ImageNet initialisation)",
+        help="train from random weights (no ImageNet initialisation); the strategy then "
+        "defaults to differential and the backbone and attention LRs to 1e-3",
     )
     for name, info in ModelConfig.model_fields.items():
         if name == "num_classes":
@@ -330,14 +331,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         seed=args.seed,
+        allow_overlap=args.allow_overlap,
     )
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from training.distributed import resolve_device
-    from training.predict import find_images, load_predictor, predict_images, write_predictions
+    from training.predict import (
+        check_output_path,
+        find_images,
+        load_predictor,
+        predict_images,
+        write_predictions,
+    )
 
+    check_output_path(args.out)  # before minutes of inference, not after
     predictor = load_predictor(args.source, resolve_device(args.device))
     paths = find_images(args.images)
     if not paths:
@@ -425,7 +434,9 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         help="evaluate a run, checkpoint or model version on a data split",
         description="Compute test metrics (accuracy, macro-F1, per-class precision/recall/F1/"
         "ROC-AUC/AP, confusion matrix) and plots. For a run directory the default data is "
-        "the run's own test split and the results go into the run directory.",
+        "the run's own test split and the results go into RUN/eval-<split>/ (the run's own "
+        "metrics.json stays). Images that were training images of SOURCE stop the "
+        "evaluation unless --allow-overlap is given.",
     )
     p.add_argument(
         "source", type=Path, help="run directory, .pt checkpoint, or models/<name>/<version>"
@@ -438,9 +449,20 @@ def _add_evaluate(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         choices=["train", "val", "test", "all"],
         help="which split to evaluate (default: test; 'all' uses every image)",
     )
-    p.add_argument("--seed", type=int, default=0, help="split seed for --data (default: 0)")
     p.add_argument(
-        "--out", type=Path, help="output folder (default: the run directory, else ./eval)"
+        "--seed",
+        type=int,
+        help="split seed for --data (default: the seed SOURCE was trained with, so that its "
+        "test split is the held-out one; 0 when unknown)",
+    )
+    p.add_argument(
+        "--allow-overlap",
+        action="store_true",
+        help="evaluate even when some images were training images of SOURCE (metrics.json "
+        "then says held_out: false)",
+    )
+    p.add_argument(
+        "--out", type=Path, help="output folder (default: RUN/eval-<split> for a run, else ./eval)"
     )
     p.add_argument("--batch-size", type=int, default=64, help="images per batch (default: 64)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")

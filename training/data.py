@@ -14,6 +14,7 @@ files that cannot be used (not an image, empty, truncated, corrupt) are skipped 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ from torch import Tensor
 
 from wastenet.classes import CLASS_NAMES, canonical_class_name
 from wastenet.preprocess import to_rgb
+from wastenet.schema import DataProvenance
 
 logger = logging.getLogger(__name__)
 
@@ -176,6 +178,42 @@ class DataSplits:
             if isinstance(e, DatasetError):
                 raise
             raise DatasetError(f"split file {path} is malformed: {e!r}") from None
+
+    def relative_paths(self, name: str) -> list[str]:
+        """The files of split ``name`` as saved: relative to ``root`` (absolute outside it)."""
+        return [_relative(x.path, self.root) for x in self.split(name)]
+
+    def digest(self, name: str | None = None) -> str:
+        """sha256 of split ``name``'s sorted (relative path, class) pairs; of all three
+        splits' digests when ``name`` is None. Independent of where the dataset lies."""
+        if name is None:
+            doc: Any = {s: self.digest(s) for s in SPLITS}
+        else:
+            labels = [self.class_names[x.label] for x in self.split(name)]
+            doc = sorted(zip(self.relative_paths(name), labels, strict=True))
+        canonical = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def provenance(
+        self,
+        source: str,
+        val_fraction: float,
+        test_fraction: float,
+        splits_file: str | None = None,
+    ) -> DataProvenance:
+        """The record of these splits for a published model.json."""
+        return DataProvenance(
+            source=source,
+            root=self.root,
+            seed=self.seed,
+            presplit=self.presplit,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            splits_digest=self.digest(),
+            split_digests={s: self.digest(s) for s in SPLITS},
+            counts={s: len(self.split(s)) for s in SPLITS},
+            splits_file=splits_file,
+        )
 
     def missing_files(self) -> list[str]:
         """Listed files that no longer exist (e.g. after moving the dataset without ``root``)."""

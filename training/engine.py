@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,43 @@ from training.distributed import DistContext, all_gather_objects, all_reduce_sum
 from training.strategies import set_train_mode
 
 SINGLE = DistContext(0, 1, 0, torch.device("cpu"), None)
+BatchTransform = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+ParamList = list[Tensor] | tuple[Tensor, ...]
+
+
+class WarmupEMA:
+    """``AveragedModel``'s update with the decay warmed up: ``min(decay, (1 + n) / (10 + n))``
+    after ``n`` updates (the ``num_updates`` rule of TensorFlow's ExponentialMovingAverage).
+
+    A fixed decay of 0.999 needs thousands of steps before the average forgets the random
+    or pretrained start; short runs would validate and publish weights that barely
+    trained. With the warm-up the average spans about the last ``n / 9`` steps until the
+    decay reaches its configured value (0.999 after about 9,000 steps). The decay stays a
+    device tensor, so the update never waits for the GPU.
+    """
+
+    def __init__(self, decay: float) -> None:
+        self.decay = decay
+
+    def rate(self, num_averaged: Tensor | int) -> Tensor:
+        """Weight of the current parameters in the update after ``num_averaged`` updates."""
+        n = torch.as_tensor(num_averaged, dtype=torch.float64)
+        return 1.0 - torch.clamp((1.0 + n) / (10.0 + n), max=self.decay)
+
+    @torch.no_grad()
+    def __call__(self, ema: ParamList, current: ParamList, num_averaged: Tensor | int) -> None:
+        weight = self.rate(num_averaged)
+        if torch.is_floating_point(ema[0]):
+            same = weight.to(ema[0].dtype)
+            torch._foreach_lerp_(ema, current, [same] * len(ema))
+            return
+        for e, c in zip(ema, current, strict=True):  # integer buffers (BatchNorm counters)
+            e.copy_(e + ((c - e) * weight).to(e.dtype))
+
+
+def build_ema(model: nn.Module, decay: float) -> AveragedModel:
+    """An exponential moving average of ``model``'s parameters and buffers, decay warmed up."""
+    return AveragedModel(model, multi_avg_fn=WarmupEMA(decay), use_buffers=True)
 
 
 def _to_device(
@@ -49,8 +86,12 @@ def train_one_epoch(
     desc: str = "train",
     log_every: int = 10,
     deadline: float | None = None,
+    batch_transform: BatchTransform | None = None,
 ) -> dict[str, Any]:
     """One pass over ``loader``; ``scheduler`` (if given) steps after every optimizer step.
+
+    ``batch_transform`` (mixup/cutmix) turns a batch and its labels into mixed images and
+    soft targets for the loss; accuracy still counts against the original labels.
 
     ``deadline`` (a ``time.monotonic()`` value) cuts the epoch short after the step that
     passes it; ``steps`` in the result says how many ran.
@@ -68,9 +109,12 @@ def train_one_epoch(
     bar = tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for step, (images, targets) in enumerate(bar):
         images, targets = _to_device(images, targets, device, channels_last)
+        soft = targets
+        if batch_transform is not None:
+            images, soft = batch_transform(images, targets)
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             logits = model(images)
-            loss = criterion(logits, targets)
+            loss = criterion(logits, soft)
 
         _optimizer_step(loss, model, optimizer, scaler, grad_clip_norm)
         if scheduler is not None:

@@ -15,12 +15,13 @@ from PIL import Image, UnidentifiedImageError
 from torch import Tensor, nn
 
 from training.checkpoint import CheckpointError, load_trained
+from training.data import IMAGE_EXTENSIONS
 from wastenet.artifacts import load_version
 from wastenet.nets import ModelConfig, build_model
 from wastenet.preprocess import eval_transform
 from wastenet.schema import METADATA_FILE, Preprocessing
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+OUTPUT_SUFFIXES = (".csv", ".json")
 
 
 @dataclass
@@ -74,8 +75,14 @@ def load_predictor(source: Path, device: str | torch.device = "cpu") -> Predicto
     )
 
 
+def check_output_path(out: Path) -> None:
+    """Raise ValueError unless ``out`` ends in .csv or .json: checked before any inference."""
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise ValueError(f"output {out} must end in .csv or .json")
+
+
 def find_images(folder: Path) -> list[Path]:
-    """Image files under ``folder`` (recursive, by extension), sorted."""
+    """Image files under ``folder`` (recursive), by the extensions training reads, sorted."""
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder {folder} does not exist")
     return sorted(
@@ -127,12 +134,11 @@ def predict_images(
 
 def write_predictions(rows: list[dict[str, Any]], out: Path, top_k: int) -> None:
     """CSV (``.csv``: path, class_1, probability_1, ..., error) or JSON (``.json``)."""
+    check_output_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
         out.write_text(json.dumps(rows, indent=2) + "\n")
         return
-    if out.suffix.lower() != ".csv":
-        raise ValueError(f"output {out} must end in .csv or .json")
     header = ["path"]
     for i in range(1, top_k + 1):
         header += [f"class_{i}", f"probability_{i}"]

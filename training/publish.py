@@ -41,8 +41,10 @@ Log = Callable[[str], None]
 def default_description(config: TrainConfig, metrics: dict[str, Any]) -> str:
     data = config.data_dir or config.splits_file or "unknown data"
     return (
-        f"{config.model.arch} with CBAM ({config.model.cbam}) fine-tuned with the "
-        f"{config.strategy} strategy on {data}; test accuracy {metrics['accuracy']:.3f}, "
+        f"{config.model.arch} with CBAM ({config.model.cbam}) "
+        + ("fine-tuned from ImageNet weights" if config.pretrained else "trained from scratch")
+        + f" with the {config.strategy} strategy on {data}; test accuracy "
+        f"{metrics['accuracy']:.3f}, "
         f"macro-F1 {metrics['macro_f1']:.3f} on {metrics['num_samples']} images"
     )
 

@@ -269,8 +269,17 @@ def plot_loss_per_iteration(history: Mapping[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+# What the losses in a history are, when the history does not say (runs before it did).
+DEFAULT_LOSSES = {"train": "the training objective", "val": "cross-entropy"}
+
+
 def plot_epoch_curves(history: Mapping[str, Any], path: Path) -> Path:
-    """Loss and accuracy per epoch, train vs val (plus learning rates), stages marked."""
+    """Loss and accuracy per epoch, train vs val (plus learning rates), stages marked.
+
+    The two losses are labelled with what they are (``history["losses"]``): the training
+    loss is the optimised one (label smoothing, class weights, mixed targets) and the
+    validation loss plain cross-entropy, so their levels need not match.
+    """
     from matplotlib.ticker import MaxNLocator
 
     epochs = history.get("epochs") or []
@@ -282,8 +291,13 @@ def plot_epoch_curves(history: Mapping[str, Any], path: Path) -> Path:
         for ax in axes:
             _no_data(ax, "no epochs recorded")
         return _save(fig, path)
+    losses = {**DEFAULT_LOSSES, **(history.get("losses") or {})}
     plan: list[tuple[Axes, str, list[tuple[str, str]]]] = [
-        (axes[0], "loss", [("train_loss", "train"), ("val_loss", "val")]),
+        (
+            axes[0],
+            "loss (train and val differ in kind)" if losses["train"] != losses["val"] else "loss",
+            [("train_loss", f"train: {losses['train']}"), ("val_loss", f"val: {losses['val']}")],
+        ),
         (
             axes[1],
             "accuracy",
@@ -298,18 +312,7 @@ def plot_epoch_curves(history: Mapping[str, Any], path: Path) -> Path:
         ax.set_ylabel(ylabel)
     axes[1].set_ylim(0.0, 1.02)
     if has_lr:
-        groups = sorted({g for r in epochs for g in (r.get("lr") or {})})
-        for g in groups:
-            pts = [
-                (float(r["epoch"]), float(r["lr"][g]))
-                for r in epochs
-                if g in (r.get("lr") or {}) and r["lr"][g] is not None
-            ]
-            if pts:
-                axes[2].plot(*zip(*pts, strict=True), marker="o", markersize=3, label=g)
-        if any(line.get_ydata().min() > 0 for line in axes[2].get_lines()):
-            axes[2].set_yscale("log")
-        axes[2].set_ylabel("learning rate (start of epoch)")
+        _plot_lrs(axes[2], epochs)
     starts = _stage_starts(epochs)
     for ax in axes:
         for x, stage in starts:
@@ -330,6 +333,38 @@ def plot_epoch_curves(history: Mapping[str, Any], path: Path) -> Path:
             ax.legend(loc="best", fontsize=8)
     fig.suptitle("Per-epoch curves")
     return _save(fig, path)
+
+
+def _lr_points(records: Sequence[Mapping[str, Any]], group: str) -> list[tuple[float, float]]:
+    """(x, LR) of ``group``: at x = e - 1 the LR of epoch e's first step (``lr_start``) and at
+    x = e the LR after its last step (``lr``), so that each epoch is a segment; histories
+    without ``lr_start`` give the after-epoch values only."""
+    points = []
+    for r in records:
+        start, end = (r.get("lr_start") or {}).get(group), (r.get("lr") or {}).get(group)
+        if start is not None:
+            points.append((float(r["epoch"]) - 1.0, float(start)))
+        if end is not None:
+            points.append((float(r["epoch"]), float(end)))
+    return points
+
+
+def _plot_lrs(ax: Axes, epochs: Sequence[Mapping[str, Any]]) -> None:
+    groups = sorted({g for r in epochs for g in (r.get("lr") or {})})
+    positive = False
+    for g in groups:
+        points = _lr_points(epochs, g)
+        if points:
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=g)
+            positive = positive or min(lr for _, lr in points) > 0
+    if positive:
+        ax.set_yscale("log")
+    with_start = any(r.get("lr_start") for r in epochs)
+    ax.set_ylabel(
+        "learning rate (first and last step of each epoch)"
+        if with_start
+        else "learning rate (after each epoch)"
+    )
 
 
 def plot_confusion_matrix(metrics: Mapping[str, Any], path: Path, normalize: bool = True) -> Path:
@@ -369,10 +404,23 @@ def plot_confusion_matrix(metrics: Mapping[str, Any], path: Path, normalize: boo
     return _save(fig, path)
 
 
+def pr_curve_points(positives: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(recall, precision) at every score threshold, as drawn.
+
+    scikit-learn ends its curve with a point at recall 0 and precision 1 that belongs to no
+    threshold; drawn, it is a spike to precision 1 on every curve, even for a class whose
+    highest score is a wrong one. It is left out.
+    """
+    from sklearn.metrics import precision_recall_curve
+
+    precision, recall, _ = precision_recall_curve(positives, scores)
+    return recall[:-1], precision[:-1]
+
+
 def _per_class_curves(
     y_true: Any, probs: Any, class_names: Sequence[str], path: Path, kind: str
 ) -> Path:
-    from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_curve
+    from sklearn.metrics import auc, average_precision_score, roc_curve
 
     y, p = _checked_inputs(y_true, probs, class_names)
     rows, cols = _grid(len(class_names))
@@ -395,7 +443,7 @@ def _per_class_curves(
             if n_pos == 0:
                 _no_data(ax, "no samples of this class", keep_ticks=True)
             else:
-                precision, recall, _ = precision_recall_curve(positives, p[:, c])
+                recall, precision = pr_curve_points(positives, p[:, c])
                 ap = average_precision_score(positives, p[:, c])
                 ax.step(recall, precision, where="post", color="tab:blue")
                 ax.axhline(n_pos / len(y), color="0.7", linestyle=":", linewidth=1)

@@ -22,7 +22,6 @@ Run directory::
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from collections.abc import Callable
@@ -35,10 +34,10 @@ import numpy as np
 import torch
 from torch import nn
 from torch.optim import Optimizer
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader
 
-from training.augment import train_transform
+from training.augment import batch_transform, train_transform
 from training.checkpoint import (
     BestCheckpoint,
     BestEpoch,
@@ -58,7 +57,8 @@ from training.distributed import (
     init_distributed,
     wrap_model,
 )
-from training.engine import evaluate, train_one_epoch
+from training.early_stop import improves, stage_exhausted
+from training.engine import BatchTransform, build_ema, evaluate, train_one_epoch
 from training.loaders import (
     auto_num_workers,
     build_eval_loader,
@@ -82,8 +82,8 @@ from wastenet.preprocess import eval_transform
 
 Log = Callable[[str], None]
 EpochCallback = Callable[[dict[str, Any]], None]
-# best_metric -> its key in evaluate()'s result
-_METRIC_KEYS = {"val_loss": "loss", "val_acc": "accuracy", "val_macro_f1": "macro_f1"}
+# history key (without "val_") -> its key in evaluate()'s result; best_metric is one of them
+_VAL_KEYS = {"loss": "loss", "acc": "accuracy", "macro_f1": "macro_f1"}
 CHECKPOINTS = "checkpoints"
 LAST = "last.pt"
 BEST = "best.pt"
@@ -127,13 +127,22 @@ def seed_everything(seed: int) -> None:
 
 
 def amp_settings(mode: str, device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """(autocast dtype or None, whether a GradScaler is needed). CPU runs float32."""
+    """(autocast dtype or None, whether a GradScaler is needed). CPU runs float32.
+
+    bf16 only on compute capability 8.0+: ``torch.cuda.is_bf16_supported()`` also says yes
+    on a T4 (7.5), where bfloat16 is emulated and slower than fp16 with a scaler.
+    """
     if device.type != "cuda" or mode == "off":
         return None, False
-    bf16_ok = torch.cuda.is_bf16_supported()
-    if mode == "bf16" and not bf16_ok:
-        raise ConfigError(f"amp='bf16' but {torch.cuda.get_device_name(device)} lacks bfloat16")
-    if mode == "bf16" or (mode == "auto" and bf16_ok):
+    capability = torch.cuda.get_device_capability(device)
+    native_bf16 = capability >= (8, 0)
+    if mode == "bf16" and not native_bf16:
+        raise ConfigError(
+            f"amp='bf16' but {torch.cuda.get_device_name(device)} (compute capability "
+            f"{capability[0]}.{capability[1]}) has no native bfloat16 (needs 8.0+); use "
+            "--amp fp16 or auto"
+        )
+    if mode == "bf16" or (mode == "auto" and native_bf16):
         return torch.bfloat16, False
     return torch.float16, True
 
@@ -148,19 +157,15 @@ def _group_lrs(optimizer: torch.optim.Optimizer) -> dict[str, float]:
     return {name.split("/")[0]: lr for name, lr in current_lrs(optimizer).items()}
 
 
-def _is_better(value: float, best: float | None, metric: str) -> bool:
-    if best is None or math.isnan(best):
-        return not math.isnan(value)
-    return value < best if metric == "val_loss" else value > best
-
-
 def _epoch_line(rec: dict[str, Any], total: int, best: bool) -> str:
     lrs = " ".join(f"{k} {v:.1e}" for k, v in rec["lr"].items())
     return (
         f"epoch {rec['epoch']}/{total} stage {rec['stage']} | "
         f"train loss {rec['train_loss']:.3f} acc {rec['train_acc']:.3f} | "
         f"val loss {rec['val_loss']:.3f} acc {rec['val_acc']:.3f} "
-        f"macro-F1 {rec['val_macro_f1']:.3f} | lr {lrs} | {rec['time_s']:.1f}s"
+        f"macro-F1 {rec['val_macro_f1']:.3f}"
+        + (f" ({rec['weights']} weights)" if "ema_val_loss" in rec else "")
+        + f" | lr {lrs} | {rec['time_s']:.1f}s"
         + (" *best*" if best else "")
     )
 
@@ -229,6 +234,7 @@ class RunSetup:
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     channels_last: bool
+    batch_transform: BatchTransform | None  # mixup/cutmix, on the device
 
     @property
     def device(self) -> torch.device:
@@ -238,10 +244,12 @@ class RunSetup:
     def num_classes(self) -> int:
         return len(self.splits.class_names)
 
-    @property
-    def eval_model(self) -> nn.Module:
-        """The network that validation sees and best.pt keeps: the EMA when there is one."""
-        return self.ema.module if self.ema is not None else self.model
+    def weights_of(self, kind: str) -> nn.Module:
+        """The trained network (``raw``) or its moving average (``ema``)."""
+        if kind == "ema":
+            assert self.ema is not None
+            return self.ema.module
+        return self.model
 
     @property
     def progress(self) -> bool:
@@ -300,6 +308,7 @@ def setup_run(config: TrainConfig, ctx: DistContext, resume: Path | None, log: R
         amp_dtype=amp_dtype,
         scaler=torch.amp.GradScaler("cuda") if use_scaler else None,
         channels_last=channels_last,
+        batch_transform=batch_transform(config.augment, len(splits.class_names)),
     )
 
 
@@ -413,8 +422,7 @@ def _build_network(
         model = convert_sync_batchnorm(model, ctx)
     if config.ema_decay is None:
         return model, None
-    ema_fn = get_ema_multi_avg_fn(config.ema_decay)
-    return model, AveragedModel(model, multi_avg_fn=ema_fn, use_buffers=True)
+    return model, build_ema(model, config.ema_decay)
 
 
 # ------------------------------------------------------------------------- run state
@@ -443,7 +451,7 @@ class RunState:
             for i, loss in enumerate(iteration_losses)
         )
         self.epochs_done = record["epoch"]
-        if not _is_better(value, self.best.value, metric):
+        if not improves(value, self.best.value, metric):
             return False
         self.best = BestEpoch(
             epoch=record["epoch"],
@@ -452,16 +460,31 @@ class RunState:
             val_loss=record["val_loss"],
             val_acc=record["val_acc"],
             val_macro_f1=record["val_macro_f1"],
+            weights=record["weights"],
         )
         return True
+
+
+def _losses(config: TrainConfig) -> dict[str, str]:
+    """What history's train_loss and val_loss are, for the plots' labels."""
+    train = ["cross-entropy"]
+    if config.label_smoothing > 0:
+        train.append(f"label smoothing {config.label_smoothing:g}")
+    if config.weighted_loss:
+        train.append("class-weighted")
+    if config.augment.mixup_alpha > 0 or config.augment.cutmix_alpha > 0:
+        train.append("mixed targets")
+    return {"train": ", ".join(train), "val": "cross-entropy"}
 
 
 def initial_state(setup: RunSetup, log: RunLog) -> RunState:
     """A fresh state, or the one in ``last.pt`` with the weights, EMA and scaler it saved."""
     path = setup.resume_from
     if path is None:
-        return RunState()
-    last = LastCheckpoint.load(path, map_location=setup.device)
+        return RunState(history={"epochs": [], "iterations": [], "losses": _losses(setup.config)})
+    # On the CPU: the RNG states must stay there (torch.set_rng_state and numpy take CPU
+    # tensors only); load_state_dict copies the weights onto the device.
+    last = LastCheckpoint.load(path, map_location="cpu")
     setup.model.load_state_dict(last.model)
     if setup.ema is not None:
         if last.ema is None:
@@ -491,7 +514,8 @@ class StageRun:
 def run_epochs(
     setup: RunSetup, state: RunState, log: RunLog, on_epoch_end: EpochCallback | None
 ) -> None:
-    """Train and validate epoch by epoch, keep the best, checkpoint; stop on the time limit."""
+    """Train and validate epoch by epoch, keep the best, checkpoint; stop on the time limit
+    or when early stopping ends the last stage."""
     config = setup.config
     total = config.total_epochs
     stages = plan_stages(config)
@@ -499,13 +523,14 @@ def run_epochs(
     if state.resumed is not None:
         set_rng_state(state.resumed.rng)
     current: StageRun | None = None
+    epoch = _next_epoch(setup, state, stages, log)
     try:
-        for epoch in range(state.epochs_done, total):
+        while epoch < total:
             if current is None or stage_at(stages, epoch) is not current.stage:
                 current = _start_stage(setup, state, stage_at(stages, epoch), epoch, log)
             tr = _train_epoch(setup, current, epoch, deadline)
             va = _validate(setup)
-            value = va[_METRIC_KEYS[config.best_metric]]
+            value = va[config.best_metric]
             if not is_per_step(current.scheduler):
                 current.scheduler.step(value)
             record = _epoch_record(epoch, current, tr, va)
@@ -523,9 +548,31 @@ def run_epochs(
                 )
                 state.stopped_early = True
                 break
+            epoch = _next_epoch(setup, state, stages, log)
     except KeyboardInterrupt:
         log(f"interrupted; continue with: python -m training train --resume {setup.run_dir}")
         raise
+
+
+def _next_epoch(setup: RunSetup, state: RunState, stages: list[Stage], log: RunLog) -> int:
+    """The 0-based epoch to run next: the one after the last, or the first of the next stage
+    when early stopping ends the current one (``total_epochs`` when the run is over)."""
+    config, epoch = setup.config, state.epochs_done
+    if epoch == 0 or epoch >= config.total_epochs:
+        return epoch
+    stage = stage_at(stages, epoch - 1)
+    patience, min_delta = config.early_stop_patience, config.early_stop_min_delta
+    if epoch == stage.end_epoch or not stage_exhausted(
+        state.history["epochs"], stage.index, config.best_metric, patience, min_delta
+    ):
+        return epoch
+    ends = "the run" if stage.end_epoch >= config.total_epochs else f"stage {stage.index}"
+    log(
+        f"early stopping: {config.best_metric} has not improved by more than {min_delta:g} "
+        f"for {patience} epochs; {ends} ends after epoch {epoch}"
+    )
+    state.stopped_early = stage.end_epoch >= config.total_epochs
+    return stage.end_epoch
 
 
 def _start_stage(
@@ -554,7 +601,8 @@ def _train_epoch(
 ) -> dict[str, Any]:
     config = setup.config
     set_loader_epoch(setup.train_loader, epoch)
-    return train_one_epoch(
+    lr_start = _group_lrs(current.optimizer)
+    result = train_one_epoch(
         current.net,
         setup.train_loader,
         setup.criterion,
@@ -573,37 +621,53 @@ def _train_epoch(
         log_every=config.log_every,
         # Ranks must run the same number of steps, so DDP stops only between epochs.
         deadline=None if setup.ctx.distributed else deadline,
+        batch_transform=setup.batch_transform,
     )
+    return {**result, "lr_start": lr_start}
 
 
 def _validate(setup: RunSetup) -> dict[str, Any]:
-    return evaluate(
-        setup.eval_model,
-        setup.val_loader,
-        setup.device,
-        setup.num_classes,
-        amp_dtype=setup.amp_dtype,
-        channels_last=setup.channels_last,
-        ctx=setup.ctx,
-        progress=setup.progress,
-        desc="validate",
-    )
+    """Validation metrics keyed like the history (``val_loss``, ``val_acc``,
+    ``val_macro_f1``) of the better of the raw and the EMA weights, and ``weights``: which.
+    With EMA on, both are validated and recorded (``raw_val_*``, ``ema_val_*``): a short
+    run's average can trail the trained network, and then the trained network is kept."""
+    kinds = ["raw", "ema"] if setup.ema is not None else ["raw"]
+    scores: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        va = evaluate(
+            setup.weights_of(kind),
+            setup.val_loader,
+            setup.device,
+            setup.num_classes,
+            amp_dtype=setup.amp_dtype,
+            channels_last=setup.channels_last,
+            ctx=setup.ctx,
+            progress=setup.progress,
+            desc=f"validate {kind}" if len(kinds) > 1 else "validate",
+        )
+        scores[kind] = {f"val_{k}": va[v] for k, v in _VAL_KEYS.items()}
+    metric = setup.config.best_metric
+    # The average wins ties: it is the smoother of the two.
+    raw_wins = "ema" not in scores or improves(scores["raw"][metric], scores["ema"][metric], metric)
+    kept = "raw" if raw_wins else "ema"
+    both = {f"{k}_{key}": v for k in scores for key, v in scores[k].items()}
+    return {**scores[kept], "weights": kept, **(both if len(kinds) > 1 else {})}
 
 
 def _epoch_record(
     epoch: int, current: StageRun, tr: dict[str, Any], va: dict[str, Any]
 ) -> dict[str, Any]:
-    """The epoch's entry in history.json."""
+    """The epoch's entry in history.json (``lr_start``: at the first step, ``lr``: after the
+    last; the per-step schedule moves in between)."""
     return {
         "epoch": epoch + 1,
         "stage": current.stage.index,
         "trainable_params": current.trainable,
+        "lr_start": tr["lr_start"],
         "lr": _group_lrs(current.optimizer),
         "train_loss": tr["loss"],
         "train_acc": tr["accuracy"],
-        "val_loss": va["loss"],
-        "val_acc": va["accuracy"],
-        "val_macro_f1": va["macro_f1"],
+        **va,
         "steps": tr["steps"],
         "time_s": tr["time_s"],
         "train_images_per_s": tr["images_per_s"],
@@ -615,7 +679,7 @@ def _save_checkpoints(setup: RunSetup, state: RunState, current: StageRun, impro
     config, names, epoch = setup.config, setup.splits.class_names, state.epochs_done
     ckpt_dir = setup.run_dir / CHECKPOINTS
     if improved:
-        weights = setup.eval_model.state_dict()
+        weights = setup.weights_of(state.best.weights or "raw").state_dict()
         BestCheckpoint(config, names, epoch, weights, state.best).save(ckpt_dir / BEST)
     LastCheckpoint(
         config=config,
@@ -651,7 +715,7 @@ def finish_run(setup: RunSetup, state: RunState, log: RunLog) -> RunResult:
     version = None
     if setup.ctx.is_main:
         metrics = _write_reports(setup, state, test, log)
-        version = _publish(setup.config, setup.run_dir, log)
+        version = _publish(setup, log)
     barrier(setup.ctx)
     assert state.best.value is not None  # best.pt exists, so some epoch improved
     return RunResult(
@@ -666,7 +730,20 @@ def finish_run(setup: RunSetup, state: RunState, log: RunLog) -> RunResult:
     )
 
 
-def _publish(config: TrainConfig, run_dir: Path, log: RunLog) -> VersionRef | None:
+def _provenance(setup: RunSetup) -> dict[str, Any]:
+    """Where the run's data came from, for metrics.json and model.json."""
+    config = setup.config
+    source = config.splits_file or config.data_dir
+    return setup.splits.provenance(
+        source=str(Path(source).resolve()) if source is not None else setup.splits.root,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        splits_file=str((setup.run_dir / "splits.json").resolve()),
+    ).model_dump()
+
+
+def _publish(setup: RunSetup, log: RunLog) -> VersionRef | None:
+    config, run_dir = setup.config, setup.run_dir
     if config.publish_repo is None:
         return None
     from training.publish import publish_run
@@ -676,6 +753,7 @@ def _publish(config: TrainConfig, run_dir: Path, log: RunLog) -> VersionRef | No
         config.publish_repo,
         config.publish_name,
         config.description,
+        extra={"data": _provenance(setup)},
         export=config.export,
         progress=config.progress,
         log=log,
@@ -715,6 +793,9 @@ def _write_reports(
     metrics = classification_metrics(test["targets"], test["probs"], setup.splits.class_names)
     metrics["split"] = "test"
     metrics["best_epoch"] = best.epoch
+    metrics["weights"] = best.weights  # raw or ema: the weights in best.pt and published
+    metrics["data"] = _provenance(setup)
+    metrics["held_out"] = True  # the run's own test split
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     log(format_metrics_table(metrics))
     if setup.config.plots:
@@ -723,7 +804,7 @@ def _write_reports(
         )
         log(f"wrote {len(plots)} plots to {run_dir / 'plots'}")
     log(
-        f"best epoch {best.epoch} (stage {best.stage}): val macro-F1 "
+        f"best epoch {best.epoch} (stage {best.stage}, {best.weights} weights): val macro-F1 "
         f"{best.val_macro_f1:.3f}, val acc {best.val_acc:.3f}, val loss "
         f"{best.val_loss:.3f}; test accuracy {metrics['accuracy']:.3f}, macro-F1 "
         f"{metrics['macro_f1']:.3f} ({metrics['num_samples']} images)"

@@ -271,12 +271,33 @@ def _publish(
             refuse_duplicate(model_dir, metadata.weights_sha256, precisions, derived)
         metadata.check_consistent()
         (tmp / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n")
-        tmp.chmod(0o755)
+        _make_readable(tmp)
         version = _rename_to_next_version(tmp, model_dir)
         return VersionRef(name, version, model_dir / str(version))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without setting it: os.umask() changes it for every thread."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no /proc (macOS): the racy way
+    os.umask(mask)
+    return mask
+
+
+def _make_readable(folder: Path) -> None:
+    """Give a version's folder and files the modes a plain mkdir/open would (0777/0666 less
+    the umask): mkdtemp makes 0700 and safetensors 0600, which a service running as another
+    user (the image's UID 10001 over a read-only mount) could not read."""
+    umask = _umask()
+    for path in folder.rglob("*"):
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+    folder.chmod(0o777 & ~umask)
 
 
 def _rename_to_next_version(tmp: Path, model_dir: Path) -> int:
@@ -418,7 +439,7 @@ def write_aliases(model_dir: str | os.PathLike[str], aliases: Mapping[str, int])
         with os.fdopen(fd, "w") as f:
             json.dump(dict(sorted(aliases.items())), f, indent=2)
             f.write("\n")
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

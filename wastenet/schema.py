@@ -202,6 +202,29 @@ class DerivedFrom(BaseModel):
     weights_sha256: str = Field(pattern=SHA256_PATTERN)
 
 
+class DataProvenance(BaseModel):
+    """Where a version's training data came from: enough to rebuild its train/val/test file
+    lists (``root``, ``seed``, fractions) and to check that a rebuild is the same
+    (``split_digests``), so an evaluation can tell whether its images were held out.
+
+    A split's digest is the sha256 of its sorted ``[path relative to root, class]`` pairs as
+    compact JSON; ``splits_digest`` covers the three.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    source: str  # what training was given: the data folder or a splits file
+    root: str  # the folder the file lists are relative to
+    seed: int = Field(ge=0)
+    presplit: bool
+    val_fraction: float = Field(ge=0.0, lt=1.0)
+    test_fraction: float = Field(ge=0.0, lt=1.0)
+    splits_digest: str = Field(pattern=SHA256_PATTERN)
+    split_digests: dict[str, str]
+    counts: dict[str, int]
+    splits_file: str | None = None  # the run's splits.json when the version was published
+
+
 class ModelMetadata(BaseModel):
     """The content of ``model.json``: everything needed to rebuild and to serve a version."""
 
@@ -220,6 +243,7 @@ class ModelMetadata(BaseModel):
     description: str = ""
     exports: list[ExportedFile] = Field(default_factory=list)
     derived_from: DerivedFrom | None = None
+    data: DataProvenance | None = None  # None in versions published before it was recorded
 
     @field_validator("format_version")
     @classmethod

@@ -105,6 +105,8 @@ def test_predict_default_model_names_model_and_version(api: TestClient) -> None:
     assert response.status_code == 200, response.text
     body = response.json()
     assert body["model"] == MODEL and body["version"] == 2
+    # No exported file in this version: on CPU, torch fp32 answers.
+    assert body["backend"] == "torch" and body["precision"] == "fp32"
     [prediction] = body["predictions"]
     assert prediction["status"] == "ok" and prediction["filename"] == "a.jpg"
     assert prediction["label"] in CLASS_NAMES
@@ -267,7 +269,7 @@ def test_wrong_request_types(api: TestClient) -> None:
         "12 classes",
     )
     assert_error(api.get("/v1/predict"), 405, "method_not_allowed", "GET")
-    assert_error(api.get("/v2/nothing"), 404, "not_found", "/v2/nothing")
+    assert_error(api.get("/v3/nothing"), 404, "not_found", "/v3/nothing")  # /v2: its own shape
 
 
 def test_malformed_multipart(api: TestClient) -> None:

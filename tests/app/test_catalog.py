@@ -39,6 +39,10 @@ def test_model_info_lists_every_version_with_its_state_and_aliases(
         "aliases": ["canary", "staging"],
         "pinned": False,
         "queue_depth": 0,
+        "backend": "torch",  # no exported files: torch fp32 on CPU
+        "precision": "fp32",
+        "device": "cpu",
+        "skipped_backends": [],  # a version that ships no ONNX file skips nothing
     }
     assert v2.version == 2 and v2.state == "ready" and v2.aliases == []
     for version in (v1, v2):

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from app.backends import TorchBackend
 from app.images import ImageRejected, decode_image
-from app.inference import InferenceModel
-from wastenet.artifacts import load_version
+from tests.app.conftest import torch_model
 from wastenet.preprocess import eval_transform, normalize
 from wastenet.schema import Preprocessing
 
@@ -168,17 +168,105 @@ def test_pixel_limit_is_ours() -> None:
 
 
 def test_batched_inputs_equal_stacked_eval_transform(template_repo: Path) -> None:
-    loaded = load_version(template_repo / "waste-resnet18-cbam" / "1")
-    model = InferenceModel(loaded, torch.device("cpu"))
+    model = torch_model(template_repo / "waste-resnet18-cbam" / "1", max_batch_size=4)
+    assert isinstance(model.backend, TorchBackend)
     rng = np.random.default_rng(2)
     blobs = [
         encode(Image.fromarray(rng.integers(0, 256, (40 + i, 50, 3), dtype=np.uint8)), "PNG")
         for i in range(3)
     ]
-    decoded = [decode_image(b, "x.png", model.preprocessing, LIMIT).tensor for b in blobs]
-    batch = model.inputs(decoded)
+    decoded = [decode_image(b, "x.png", model.preprocessing, LIMIT).array for b in blobs]
+    batch = model.backend.normalise(model.stack(decoded))
     assert batch.is_contiguous(memory_format=torch.channels_last)
     expected = torch.stack(
         [eval_transform(model.preprocessing)(Image.open(io.BytesIO(b))) for b in blobs]
     )
-    assert torch.equal(batch, expected)
+    # uint8 * scale + bias instead of (uint8 / 255 - mean) / std: float rounding only.
+    assert torch.allclose(batch, expected, rtol=0, atol=1e-6)
+
+
+# -- large JPEGs at reduced scale ----------------------------------------------------------
+FULL = Preprocessing()  # 256 -> 224, what served versions use
+
+
+def detailed(width: int, height: int, seed: int) -> Image.Image:
+    """Worst case for a reduced decode: a chirp, fine stripes, a 40 px checkerboard, noise,
+    and a dark block in the top-left quarter only (so rotations and flips show)."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    red = 128 + 100 * np.sin(x * x / (width * 7.0))
+    green = 128 + 100 * np.sign(np.sin(y / 9.0)) * (x / width)
+    blue = np.where((x // 40 + y // 40) % 2 == 0, 230.0, 20.0)
+    blue[: height // 3, : width // 2] = 0
+    pixels = np.stack([red, green, blue], axis=-1) + rng.normal(0, 8, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def photo_like(width: int, height: int, seed: int) -> Image.Image:
+    """Smooth shapes, soft edges and sensor-like noise, as in a phone photo."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    base = np.stack(
+        [
+            128 + 80 * np.sin(x / (17 + 5 * c) + y / (23 + 3 * c) + c) * np.cos(y / 31)
+            for c in range(3)
+        ],
+        axis=-1,
+    )
+    blocks = ((x // 97 + y // 61) % 3)[..., None] * 25.0
+    pixels = base + blocks + rng.normal(0, 12, (height, width, 3))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+def reduced_vs_full(data: bytes) -> np.ndarray:
+    reduced = decode_image(data, "big.jpg", FULL, LIMIT).array.astype(np.int16)
+    full = decode_image(data, "big.jpg", FULL, LIMIT, jpeg_draft=False).array.astype(np.int16)
+    assert reduced.shape == full.shape == (224, 224, 3)
+    return np.abs(reduced - full)
+
+
+@pytest.mark.parametrize(
+    ("image", "mean_limit", "p99_limit"),
+    [
+        (photo_like(1632, 1224, 0), 1.5, 8),  # a 2 MP phone-size photo
+        (detailed(1632, 1224, 1), 3.0, 24),  # synthetic worst case, 2 MP
+        (detailed(800, 600, 2), 3.0, 24),  # just over twice the resize size
+    ],
+    ids=["photo-2MP", "detailed-2MP", "detailed-800x600"],
+)
+def test_reduced_decode_stays_within_the_stated_tolerance(
+    image: Image.Image, mean_limit: float, p99_limit: int
+) -> None:
+    diff = reduced_vs_full(encode(image, "JPEG", quality=92))
+    assert diff.max() > 0  # the reduced decode really ran
+    assert diff.mean() <= mean_limit
+    assert np.percentile(diff, 99) <= p99_limit
+
+
+def test_reduced_decode_keeps_the_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    data = encode(detailed(1632, 1224, 3), "JPEG", quality=92, exif=exif.tobytes())
+    decoded = decode_image(data, "rotated.jpg", FULL, LIMIT)
+    assert (decoded.width, decoded.height) == (1632, 1224)  # the upload's own size
+    diff = reduced_vs_full(data)
+    assert diff.mean() <= 3.0
+    # The dark block of the top-left quarter is now in the top-right corner.
+    blue = decoded.array[:, :, 2].astype(float)
+    assert blue[:40, -40:].mean() < 60 < blue[:40, :40].mean()
+
+
+def test_only_jpegs_twice_the_resize_size_are_reduced() -> None:
+    from app.images import reduce_large_jpeg
+
+    big = Image.open(io.BytesIO(encode(detailed(1632, 1224, 4), "JPEG")))
+    reduce_large_jpeg(big, 256)
+    assert big.size == (408, 306)  # 1/4: the smallest scale whose short side covers 256
+    small = Image.open(io.BytesIO(encode(detailed(600, 500, 5), "JPEG")))
+    reduce_large_jpeg(small, 256)
+    assert small.size == (600, 500)
+    png = Image.open(io.BytesIO(encode(detailed(1200, 1200, 6), "PNG")))
+    reduce_large_jpeg(png, 256)
+    assert png.size == (1200, 1200)
+    data = encode(detailed(600, 500, 5), "JPEG")
+    assert reduced_vs_full(data).max() == 0  # below the threshold: training's exact pixels

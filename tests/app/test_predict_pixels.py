@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +19,9 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
-from torch import nn
 
-import app.inference
+import app.registry
+from app.backends import TorchBackend
 from app.images import decode_image
 from app.inference import InferenceModel
 from tests.app.conftest import MODEL, PREPROCESSING, files
@@ -37,7 +38,7 @@ from tests.reference_images import (
     reference_normalize,
     reference_resize_crop,
 )
-from wastenet.artifacts import load_version
+from wastenet.artifacts import LoadedVersion, load_version
 from wastenet.classes import CLASS_NAMES
 
 P = PREPROCESSING
@@ -51,9 +52,10 @@ def reference_crop(stored: np.ndarray, orientation: int = 1) -> np.ndarray:
 
 
 def decoded(data: bytes) -> np.ndarray:
-    tensor = decode_image(data, "upload", P, LIMIT).tensor
-    assert tensor.dtype == torch.uint8 and tensor.shape == (3, 32, 32)
-    return tensor.permute(1, 2, 0).numpy()
+    # Full-scale decoding: the reduced-scale JPEG decode has its own tolerance tests.
+    array = decode_image(data, "upload", P, LIMIT, jpeg_draft=False).array
+    assert array.dtype == np.uint8 and array.shape == (32, 32, 3)
+    return array
 
 
 def with_transparent_columns(rgb: np.ndarray) -> np.ndarray:
@@ -109,11 +111,13 @@ def test_every_allowed_format_gives_the_reference_crop(
 
 
 def test_network_input_is_normalised_rgb_in_channels_last(template_repo: Path) -> None:
-    model = InferenceModel(load_version(template_repo / MODEL / "1"), torch.device("cpu"))
-    assert model.preprocessing == P
+    loaded = load_version(template_repo / MODEL / "1")
+    assert loaded.metadata.preprocessing == P
+    backend = TorchBackend(loaded.model, torch.device("cpu"), "fp32", P, 12, max_batch_size=3)
+    model = InferenceModel(loaded, backend, max_batch_size=3)
     uploads = [(noise(90, 50, seed=11), 1), (quadrants(64, 96), 6), (ramp(144, 72), 8)]
-    tensors = [decode_image(encode(a, "PNG", o), "u", P, LIMIT).tensor for a, o in uploads]
-    x = model.inputs(tensors)
+    arrays = [decode_image(encode(a, "PNG", o), "u", P, LIMIT).array for a, o in uploads]
+    x = backend.normalise(model.stack(arrays))
     assert x.dtype == torch.float32 and x.shape == (3, 3, 32, 32)
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert x.stride()[1] == 1  # channels innermost: NHWC in memory
@@ -130,13 +134,14 @@ def probe_client(
     monkeypatch: pytest.MonkeyPatch, make_client: Callable[..., TestClient]
 ) -> TestClient:
     """The service with every loaded version's network replaced by a QuadrantProbe."""
-    original = app.inference.prepare_model
+    original = app.registry.load_version
 
-    def prepare_probe(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-        return original(QuadrantProbe(), device, dtype)
+    def load_probe(path: Path, map_location: str) -> LoadedVersion:
+        loaded = original(path, map_location)
+        return replace(loaded, model=QuadrantProbe())
 
-    monkeypatch.setattr(app.inference, "prepare_model", prepare_probe)
-    return make_client()
+    monkeypatch.setattr(app.registry, "load_version", load_probe)
+    return make_client(backend="torch")
 
 
 def red_corner(width: int, height: int) -> np.ndarray:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from app.batcher import BatcherClosed
 from app.images import ImageRejected
@@ -18,9 +23,18 @@ from app.prediction import Outcome, file_results, no_usable_image
 from app.schemas import ClassScore, FileError, ImageFailure, ImagePrediction, PredictResponse
 from app.service import Service
 from app.uploads import UploadedFile
-from tests.app.conftest import MODEL, files, image_bytes, inference_blocked, wait_until
+from tests.app.conftest import (
+    MODEL,
+    PREPROCESSING,
+    files,
+    image_bytes,
+    inference_blocked,
+    wait_until,
+)
 from tests.app.test_api import assert_error
+from wastenet.artifacts import load_version
 from wastenet.classes import CLASS_NAMES
+from wastenet.preprocess import eval_transform
 
 JPEG = image_bytes("JPEG")
 MakeClient = Callable[..., TestClient]
@@ -124,7 +138,9 @@ def test_file_results_keep_upload_order_and_name_each_class() -> None:
             top_k=[ClassScore(label="white_glass", class_index=11, confidence=0.5)],
         ),
     ]
-    body = PredictResponse(model=MODEL, version=3, predictions=results).model_dump(mode="json")
+    body = PredictResponse(
+        model=MODEL, version=3, backend="torch", precision="fp32", predictions=results
+    ).model_dump(mode="json")
     assert body["predictions"][1] == {
         "status": "error",
         "filename": "notes.txt",
@@ -174,3 +190,28 @@ def test_no_usable_image_is_the_files_own_error_or_the_common_status() -> None:
             },
         ]
     }
+
+
+def test_the_jpeg_draft_setting_reaches_decoding(
+    make_client: MakeClient, template_repo: Path
+) -> None:
+    rng = np.random.default_rng(7)
+    pixels = rng.integers(0, 256, (600, 800, 3), dtype=np.uint8)
+    pixels[:200, :300] = (250, 20, 20)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    upload = files(("big.jpg", buffer.getvalue()))
+    loaded = load_version(template_repo / MODEL / "2")
+    x = eval_transform(PREPROCESSING)(Image.open(io.BytesIO(buffer.getvalue()))).unsqueeze(0)
+    with torch.inference_mode():
+        exact = loaded.model(x).softmax(dim=1)[0].tolist()
+
+    def served(**settings: Any) -> list[float]:
+        client = make_client(**settings)
+        body = client.post("/v1/predict", files=upload, params={"top_k": 12}).json()
+        top = {t["class_index"]: t["confidence"] for t in body["predictions"][0]["top_k"]}
+        return [top[i] for i in range(12)]
+
+    assert served(jpeg_draft=False) == pytest.approx(exact, abs=1e-5)
+    reduced = served()  # 800x600 is over twice the resize size (36): decoded at 1/8 scale
+    assert reduced != pytest.approx(exact, abs=1e-5)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
 from app.__main__ import main
-from app.inference import resolve_device, resolve_dtype
+from app.selection import resolve_device
 from app.settings import Settings, SettingsError, describe_settings, load_settings
 
 
@@ -23,7 +24,9 @@ def test_defaults() -> None:
     settings = load_settings()
     assert str(settings.model_dir) == "models"
     assert settings.default_model == "waste-resnet18-cbam"
-    assert settings.device == "auto" and settings.precision == "fp32"
+    assert settings.device == "auto" and settings.precision == "auto"
+    assert settings.backend == "auto" and settings.cuda_graphs is False
+    assert settings.jpeg_draft is True
     assert settings.bootstrap_demo is True and settings.poll_interval_s == 0
     assert settings.admin_token is None and not settings.admin_enabled
     assert settings.max_queue_images >= settings.max_files_per_request
@@ -47,7 +50,8 @@ def test_environment_is_read_with_the_prefix(monkeypatch: pytest.MonkeyPatch) ->
     [
         ({"WASTE_MAX_BATCH_SIZE": "0"}, ["WASTE_MAX_BATCH_SIZE='0'", "greater than or equal to 1"]),
         ({"WASTE_DEVICE": "gpu"}, ["WASTE_DEVICE='gpu'", "auto, cpu, cuda or cuda:N"]),
-        ({"WASTE_PRECISION": "int8"}, ["WASTE_PRECISION='int8'", "fp32"]),
+        ({"WASTE_PRECISION": "fp8"}, ["WASTE_PRECISION='fp8'", "'int8'"]),
+        ({"WASTE_BACKEND": "tensorrt"}, ["WASTE_BACKEND='tensorrt'", "'onnxruntime'"]),
         ({"WASTE_DEFAULT_MODEL": "Bad Name"}, ["WASTE_DEFAULT_MODEL", "not a valid model name"]),
         ({"WASTE_ADMIN_TOKEN": "short"}, ["WASTE_ADMIN_TOKEN", "at least 16 characters"]),
         ({"WASTE_PORT": "70000"}, ["WASTE_PORT='70000'"]),
@@ -96,13 +100,10 @@ def test_every_setting_is_documented() -> None:
         assert info.description, field
 
 
-def test_device_and_precision_checks() -> None:
+def test_device_checks() -> None:
     assert resolve_device("cpu") == torch.device("cpu")
     auto = resolve_device("auto")
     assert auto.type == ("cuda" if torch.cuda.is_available() else "cpu")
-    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
-    with pytest.raises(SettingsError, match="WASTE_PRECISION=fp16 needs a CUDA device"):
-        resolve_dtype("fp16", torch.device("cpu"))
     if not torch.cuda.is_available():
         with pytest.raises(SettingsError, match="CUDA is not available"):
             resolve_device("cuda:0")
@@ -119,12 +120,24 @@ def test_entry_point_checks_settings_and_lists_them(
     assert "Traceback" not in err
     monkeypatch.delenv("WASTE_MAX_BATCH_DELAY_MS")
     monkeypatch.delenv("WASTE_WORKERS")
-    monkeypatch.setenv("WASTE_PRECISION", "bf16")
-    if not torch.cuda.is_available():
-        assert main(["--check"]) == 2
-        assert "needs a CUDA device" in capsys.readouterr().err
-    monkeypatch.delenv("WASTE_PRECISION")
+    monkeypatch.setenv("WASTE_PRECISION", "fp16")
+    monkeypatch.setenv("WASTE_DEVICE", "cpu")
+    assert main(["--check"]) == 2
+    assert "WASTE_PRECISION=fp16 needs a CUDA device" in capsys.readouterr().err
+    monkeypatch.setenv("WASTE_PRECISION", "int8")
+    monkeypatch.setenv("WASTE_BACKEND", "torch")
+    assert main(["--check"]) == 2
+    assert "WASTE_PRECISION=int8 needs WASTE_BACKEND=onnxruntime" in capsys.readouterr().err
+    for name in ("WASTE_PRECISION", "WASTE_DEVICE", "WASTE_BACKEND"):
+        monkeypatch.delenv(name)
     assert main(["--check"]) == 0
     assert main(["--help-settings"]) == 0
     out = capsys.readouterr().out
     assert "WASTE_GRACEFUL_SHUTDOWN_S (default: 30)" in out
+
+
+def test_the_readme_lists_every_setting() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    table = readme.split("### Settings", 1)[1].split("\n###", 1)[0]
+    listed = {line.split("`")[1] for line in table.splitlines() if line.startswith("| `WASTE_")}
+    assert listed == {f"WASTE_{field.upper()}" for field in Settings.model_fields}

@@ -30,6 +30,7 @@ from typing import Any
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+README = REPO / "README.md"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 COMPOSE_FILE = REPO / "docker-compose.yml"
@@ -287,6 +288,47 @@ def run_script(ins: Instruction) -> str:
     if ins.exec_form() is not None:
         raise SpecError(f"line {ins.line}: expected a shell-form RUN")
     return ins.body
+
+
+# -- the README's Docker section ------------------------------------------------------------
+def docker_section(text: str) -> str:
+    m = re.search(r"^## Docker\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
+    if m is None:
+        raise SpecError(
+            "README.md has no '## Docker' section: paste the deployment section there "
+            "(docs of Dockerfile, docker-compose.yml and scaling out)"
+        )
+    return m.group(1)
+
+
+def shell_lines(section: str) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def words_of(line: str) -> tuple[dict[str, str], list[str]]:
+    """(leading VAR=value assignments, words) of one shell command, comments dropped."""
+    line = re.sub(r"\$\([^)]*\)", "$SUBSTITUTED", line)
+    words = shlex.split(line, comments=True)
+    assignments = {}
+    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
+        key, _, value = words.pop(0).partition("=")
+        assignments[key] = value
+    return assignments, words
+
+
+def options(words: list[str], with_value: set[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """Split leading options from positional words; ``--opt=value`` or ``--opt value``."""
+    found: list[tuple[str, str]] = []
+    i = 0
+    while i < len(words) and words[i].startswith("-"):
+        name, eq, value = words[i].partition("=")
+        if not eq and name in with_value:
+            i += 1
+            value = words[i]
+        found.append((name, value))
+        i += 1
+    return found, words[i:]
 
 
 # -- .dockerignore ------------------------------------------------------------------------

@@ -347,3 +347,14 @@ def test_images_use_the_nvidia_container_toolkit_when_a_gpu_is_given() -> None:
     for image in (SERVE, TRAIN):
         assert image.env["NVIDIA_VISIBLE_DEVICES"] == "all"
         assert "compute" in image.env["NVIDIA_DRIVER_CAPABILITIES"].split(",")
+
+
+def test_engines_read_it_with_their_own_frontend() -> None:
+    # A `# syntax=` directive makes every build pull a frontend image from a registry
+    # (Engine 20.10 cannot parse the file without it). RUN --mount, the one BuildKit
+    # feature used here, is in every engine's built-in frontend since 20.10.
+    text = (REPO / "Dockerfile").read_text()
+    assert not re.search(r"^#\s*syntax\s*=", text, flags=re.M | re.I)
+    mounts = [i for s in DOCKERFILE.stages for i in s.of("RUN") if i.flags]
+    assert mounts and all(set(i.flags) == {"mount"} for i in mounts)
+    assert all(i.flags["mount"] == "type=cache,target=/root/.cache/pip" for i in mounts)

@@ -11,59 +11,34 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-import pytest
 from torch.distributed import run as torchrun
 
 from app.settings import Settings, SettingsError, load_settings
 from tests.deploy.serving import app_routes
 from tests.deploy.specs import (
-    REPO,
+    README,
     compose_variables,
+    docker_section,
     duration_s,
     load_compose,
     load_compose_raw,
     load_dockerfile,
+    options,
     port_range,
     read_env_file,
     run_script,
     service_mounts,
+    shell_lines,
     split_port,
+    words_of,
 )
 
-README = REPO / "README.md"
 DOCKERFILE = load_dockerfile()
 RAW_COMPOSE = load_compose_raw()
-
-
-def docker_section(text: str) -> str:
-    m = re.search(r"^## Docker\n(.*?)(?=^## |\Z)", text, flags=re.S | re.M)
-    if m is None:
-        pytest.fail(
-            "README.md has no '## Docker' section: paste the deployment section there "
-            "(docs of Dockerfile, docker-compose.yml and scaling out)"
-        )
-    return m.group(1)
-
-
-def shell_lines(section: str) -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
-    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
-
-
-def words_of(line: str) -> tuple[dict[str, str], list[str]]:
-    """(leading VAR=value assignments, words) of one shell command, comments dropped."""
-    line = re.sub(r"\$\([^)]*\)", "$SUBSTITUTED", line)
-    words = shlex.split(line, comments=True)
-    assignments = {}
-    while words and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*=.*", words[0]):
-        key, _, value = words.pop(0).partition("=")
-        assignments[key] = value
-    return assignments, words
 
 
 @dataclass
@@ -74,20 +49,6 @@ class Session:
     containers: set[str] = field(default_factory=set)
     copied_env: bool = False
     made_dirs: set[str] = field(default_factory=set)
-
-
-def options(words: list[str], with_value: set[str]) -> tuple[list[tuple[str, str]], list[str]]:
-    """Split leading options from positional words; ``--opt=value`` or ``--opt value``."""
-    found: list[tuple[str, str]] = []
-    i = 0
-    while i < len(words) and words[i].startswith("-"):
-        name, eq, value = words[i].partition("=")
-        if not eq and name in with_value:
-            i += 1
-            value = words[i]
-        found.append((name, value))
-        i += 1
-    return found, words[i:]
 
 
 def torch_variants() -> set[str]:

@@ -7,10 +7,17 @@ import pickle
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.v2 as T
 from PIL import Image
 from pydantic import ValidationError
 
-from training.augment import AugmentConfig, RandomHueRotation, train_transform
+from training.augment import (
+    AugmentConfig,
+    BatchMix,
+    RandomHueRotation,
+    batch_transform,
+    train_transform,
+)
 from wastenet.preprocess import eval_transform
 from wastenet.schema import Preprocessing
 
@@ -93,3 +100,51 @@ def test_rotation_fills_corners_with_the_mean() -> None:
     # White normalises to about +2; the mean fill normalises to about 0.
     filled = [c for c in corners if c.abs().max() < 0.05]
     assert len(filled) >= 8
+
+
+def test_policies_come_from_torchvision_and_are_off_by_default() -> None:
+    def steps(aug: AugmentConfig) -> list[type]:
+        return [type(t) for t in train_transform(P, aug)._pipeline.transforms]  # type: ignore[attr-defined]
+
+    assert T.RandAugment not in steps(AugmentConfig())
+    assert T.TrivialAugmentWide not in steps(AugmentConfig())
+    rand = train_transform(P, AugmentConfig(policy="randaugment", randaugment_ops=3))
+    chosen = [t for t in rand._pipeline.transforms if isinstance(t, T.RandAugment)]  # type: ignore[attr-defined]
+    assert len(chosen) == 1 and chosen[0].num_ops == 3 and chosen[0].magnitude == 9
+    assert T.TrivialAugmentWide in steps(AugmentConfig(policy="trivialaugment"))
+    with pytest.raises(ValidationError, match="policy"):
+        AugmentConfig(policy="autoaugment")  # type: ignore[arg-type]
+
+
+def test_random_erasing_fills_a_box_with_the_mean_colour() -> None:
+    img = _photo(32)
+    plain = train_transform(P, NO_AUG)(img)
+    torch.manual_seed(0)
+    erased = train_transform(P, NO_AUG.model_copy(update={"erasing": 1.0}))(img)
+    changed = (erased != plain).any(dim=0)
+    assert 0.02 * 32 * 32 <= changed.sum() <= 0.34 * 32 * 32
+    # The box is 0 after normalisation (the mean colour) and rectangular.
+    assert torch.all(erased[:, changed] == 0.0)
+    rows, cols = changed.nonzero(as_tuple=True)
+    box = changed[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+    assert box.all()
+    assert train_transform(P, NO_AUG)._erase is None  # type: ignore[attr-defined]
+
+
+def test_mixup_and_cutmix_give_convex_mixes_and_soft_labels() -> None:
+    assert batch_transform(AugmentConfig(), 12) is None
+    images = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    labels = torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(0)
+    mixed, soft = BatchMix(AugmentConfig(mixup_alpha=0.4), 5)(images, labels)
+    # MixUp pairs each image with its neighbour in the batch: lam * x_i + (1 - lam) * x_{i-1}.
+    lam = float(soft[0, 0])
+    assert torch.allclose(mixed[1], lam * images[1] + (1 - lam) * images[0])
+    assert soft.shape == (4, 5) and torch.allclose(soft.sum(1), torch.ones(4))
+    assert soft[1, 1] == pytest.approx(lam) and soft[1, 0] == pytest.approx(1 - lam)
+    torch.manual_seed(1)
+    cut, soft = BatchMix(AugmentConfig(cutmix_alpha=1.0), 5)(images, labels)
+    # CutMix pastes a box: every pixel comes from one of the two images; labels by area.
+    from_own = (cut[1] == 1.0).float().mean()
+    assert torch.all((cut[1] == 1.0) | (cut[1] == 0.0))
+    assert soft[1, 1] == pytest.approx(float(from_own), abs=1e-6)

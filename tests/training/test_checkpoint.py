@@ -110,6 +110,14 @@ def test_payloads_round_trip_with_the_first_format_keys(tmp_path: Path) -> None:
     assert isinstance(load_trained(tmp_path / "best.pt"), BestCheckpoint)
 
 
+def test_predicting_from_last_pt_uses_the_weights_that_validated_better() -> None:
+    last = _last(BestEpoch())
+    assert torch.equal(last.inference_weights()["fc.weight"], torch.ones(2, 3))  # EMA
+    history = {"epochs": [{"epoch": 3, "weights": "raw"}], "iterations": []}
+    raw_won = LastCheckpoint(**{**last.__dict__, "history": history})
+    assert raw_won.inference_weights() is WEIGHTS
+
+
 def test_first_format_checkpoints_with_a_flat_config_still_load(tmp_path: Path) -> None:
     config = CONFIG.to_json_dict()
     config.update(config.pop("preprocessing"))

@@ -138,6 +138,19 @@ def test_export_settings_may_change_when_resuming(tmp_path: Path) -> None:
         resume_config(run, args)
 
 
+def test_augmentation_and_early_stopping_options_are_flags() -> None:
+    config = _config(["--aug-policy", "randaugment", "--aug-randaugment-magnitude", "12",
+                      "--aug-erasing", "0.25", "--aug-mixup-alpha", "0.2",
+                      "--aug-cutmix-alpha", "1", "--early-stop-patience", "3",
+                      "--early-stop-min-delta", "0.01"])  # fmt: skip
+    aug = config.augment
+    assert (aug.policy, aug.randaugment_magnitude, aug.erasing) == ("randaugment", 12, 0.25)
+    assert (aug.mixup_alpha, aug.cutmix_alpha) == (0.2, 1.0)
+    assert (config.early_stop_patience, config.early_stop_min_delta) == (3, 0.01)
+    with pytest.raises(SystemExit):
+        _config(["--aug-policy", "autoaugment"])
+
+
 def test_bad_settings_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text("lr_haed = 0.1\n")
@@ -235,7 +248,9 @@ def test_a_run_directory_with_flat_preprocessing_keys_evaluates_publishes_and_re
         payload["config"] = _flat_preprocessing(payload["config"])
         save_checkpoint(run / "checkpoints" / name, payload)
 
+    # The run stopped before its test evaluation: evaluate writes the run's metrics.json.
     assert main(["evaluate", str(run), "--device", "cpu"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["best_epoch"] == 1
     assert main(["publish", str(run), "--repo", str(tmp_path / "models"), "--name", "old"]) == 0
     meta = load_version(tmp_path / "models" / "old" / "1").metadata
     assert (meta.preprocessing.input_size, meta.preprocessing.resize_size) == (32, 36)

@@ -66,3 +66,23 @@ def test_preprocessing_checks_are_the_schema_checks() -> None:
         load_config(None, {"input_size": 32, "std": [0.2, 0.0, 0.2]})
     with pytest.raises(ConfigError, match=r"preprocessing.size: Extra inputs"):
         load_config(None, {"preprocessing": {"size": 32}})
+
+
+def test_training_from_scratch_has_its_own_defaults(tmp_path: Path) -> None:
+    # The fine-tuning defaults (three_stage, backbone LR 1e-5) learn almost nothing from
+    # random weights; without pretrained weights the whole network trains at 1e-3.
+    scratch = TrainConfig(pretrained=False)
+    assert scratch.strategy == "differential"
+    assert (scratch.lr_backbone, scratch.lr_attention, scratch.lr_head) == (1e-3, 1e-3, 1e-3)
+    tuned, fields = TrainConfig(), TrainConfig.model_fields
+    assert (tuned.strategy, tuned.lr_backbone) == ("three_stage", 1e-5)
+    assert tuned.lr_attention == fields["lr_attention"].default
+    # Given values win, from a file or flags.
+    toml = tmp_path / "c.toml"
+    toml.write_text('pretrained = false\nstrategy = "three_stage"\n')
+    chosen = load_config(toml, {"lr_backbone": 2e-4})
+    assert (chosen.strategy, chosen.lr_backbone, chosen.lr_attention) == ("three_stage", 2e-4, 1e-3)
+    # The saved config says what ran, and loads back to the same.
+    saved = tmp_path / "config.json"
+    saved.write_text(json.dumps(scratch.to_json_dict()))
+    assert load_config(saved) == scratch

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -331,6 +332,29 @@ def test_save_and_load_round_trip_and_relocation(data_dir: Path, tmp_path: Path)
     assert relocated.missing_files() == []
     assert [s.label for s in relocated.test] == [s.label for s in splits.test]
     assert relocated.test[0].path == str(moved / Path(splits.test[0].path).relative_to(data_dir))
+
+
+def test_split_digests_follow_the_file_lists_not_the_location(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    splits = prepare_splits(data_dir, seed=4, log=lambda m: None)
+    splits.save(tmp_path / "splits.json")
+    moved = Path(shutil.move(str(data_dir), str(tmp_path / "moved")))
+    relocated = DataSplits.load(tmp_path / "splits.json", root=moved)
+    assert relocated.digest() == splits.digest()
+    assert relocated.digest("train") == splits.digest("train")
+    # By hand: sha256 of the sorted [relative path, class] pairs as compact JSON.
+    pairs = sorted([Path(x.path).relative_to(data_dir).as_posix(), CLASS_NAMES[x.label]]
+                   for x in splits.test)  # fmt: skip
+    canonical = json.dumps(pairs, separators=(",", ":"))
+    assert splits.digest("test") == hashlib.sha256(canonical.encode()).hexdigest()
+    other = prepare_splits(moved, seed=5, log=lambda m: None)
+    assert other.digest("train") != splits.digest("train")
+    assert other.digest() != splits.digest()
+    record = splits.provenance("data", 0.15, 0.15)
+    assert record.seed == 4 and record.split_digests["val"] == splits.digest("val")
+    assert record.counts == {"train": len(splits.train), "val": len(splits.val),
+                             "test": len(splits.test)}  # fmt: skip
 
 
 def test_load_rejects_bad_files(tmp_path: Path) -> None:

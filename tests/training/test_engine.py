@@ -15,7 +15,7 @@ from tests.training.train_helpers import make_data, one_thread
 from training.augment import AugmentConfig, train_transform
 from training.data import ImageDataset, prepare_splits
 from training.distributed import DistContext
-from training.engine import evaluate, train_one_epoch
+from training.engine import build_ema, evaluate, train_one_epoch
 from training.loaders import EpochSampler, ShardSampler, build_train_loader, set_loader_epoch
 from wastenet.schema import Preprocessing
 
@@ -65,6 +65,71 @@ def test_train_one_epoch_reports_losses_and_updates_ema() -> None:
     # The average lags behind the live weights.
     ema_w = ema.module.fc.weight
     assert not torch.equal(ema_w, model.fc.weight) and not torch.equal(ema_w, before)
+
+
+def _ema_after(steps: int, decay: float) -> float:
+    """The EMA of a weight that equals k after the k-th update (k = 1..steps)."""
+    model = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = build_ema(model, decay)
+    ema.update_parameters(model)  # the first update copies the start
+    for k in range(1, steps + 1):
+        with torch.no_grad():
+            model.weight.fill_(float(k))
+        ema.update_parameters(model)
+    return float(ema.module.weight.detach())
+
+
+def _reference_ema(steps: int, decay: float) -> float:
+    value = 0.0
+    for k in range(1, steps + 1):
+        d = min(decay, (1 + k) / (10 + k))  # k updates already averaged (the first: the copy)
+        value = d * value + (1 - d) * k
+    return value
+
+
+def test_ema_decay_warms_up_so_short_runs_average_recent_weights() -> None:
+    # A fixed decay of 0.999 would still sit at 0.05 after 10 updates (and at 19 after
+    # 200): the start would dominate what validation sees. With min(decay, (1+n)/(10+n))
+    # the average trails the live weight by a fraction of the steps so far.
+    assert _ema_after(10, 0.999) == pytest.approx(_reference_ema(10, 0.999), rel=1e-5)
+    assert _ema_after(10, 0.999) > 8.5
+    assert 175 < _ema_after(200, 0.999) == pytest.approx(_reference_ema(200, 0.999), rel=1e-5)
+    # Once (1+n)/(10+n) passes the configured decay, the decay is the configured one.
+    assert _ema_after(200, 0.5) == pytest.approx(199.0, abs=1e-3)
+
+
+def test_train_one_epoch_mixes_batches_but_counts_accuracy_on_true_labels() -> None:
+    torch.manual_seed(0)
+    model = Tiny()
+    seen: list[torch.Tensor] = []
+
+    class Recording(nn.Module):
+        def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+            seen.append(target)
+            return nn.functional.cross_entropy(logits, target)
+
+    def mix(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        onehot = nn.functional.one_hot(y, 3).float()
+        return 0.7 * x + 0.3 * x.flip(0), 0.7 * onehot + 0.3 * onehot.flip(0)
+
+    data = _data(16)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # weights stay: accuracy known
+    out = train_one_epoch(
+        model, DataLoader(data, batch_size=8), Recording(), optimizer, CPU,
+        batch_transform=mix,
+    )  # fmt: skip
+    x, y = data.tensors
+    with torch.no_grad():  # the mixed images' predictions against the images' own labels
+        mixed = torch.cat([mix(x[i : i + 8], y[i : i + 8])[0] for i in (0, 8)])
+        expected = (model(mixed).argmax(1) == y).float().mean().item()
+        wrong = (model(mixed).argmax(1) == y.flip(0)).float().mean().item()
+    assert out["accuracy"] == pytest.approx(expected) and expected != wrong
+    # The mixed soft targets, not the labels, reached the loss.
+    assert len(seen) == 2
+    for i, target in zip((0, 8), seen, strict=True):
+        assert torch.equal(target, mix(x[i : i + 8], y[i : i + 8])[1])
 
 
 def test_evaluate_matches_a_direct_computation() -> None:

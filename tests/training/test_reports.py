@@ -5,18 +5,22 @@ from __future__ import annotations
 import json
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from training import reports
 from training.data import DataSplits, Sample
 from training.reports import (
     classification_metrics,
     evaluation_summary,
     format_metrics_table,
     plot_confusion_matrix,
+    plot_epoch_curves,
+    plot_pr_curves,
     plot_sample_grid,
     write_plots,
 )
@@ -281,3 +285,76 @@ def test_sample_grid_marks_unreadable_files(data_report_inputs: dict, tmp_path: 
     samples = [*data_report_inputs["splits"].train[:2], Sample(str(broken), 1)]
     path = plot_sample_grid(samples, ("battery", "paper", "shoes"), tmp_path / "grid.png", n=3)
     assert _png(path).shape[1] >= 400
+
+
+def _drawn(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The figures the plot functions save, in order."""
+    figures: list[Any] = []
+    save = reports._save
+
+    def keep(fig: Any, path: Path) -> Path:
+        figures.append(fig)
+        return save(fig, path)
+
+    monkeypatch.setattr(reports, "_save", keep)
+    return figures
+
+
+def test_epoch_curves_say_what_each_loss_is_and_when_each_lr_applied(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    figures = _drawn(monkeypatch)
+    epochs = [
+        {"epoch": 1, "stage": 1, "lr_start": {"head": 1e-4}, "lr": {"head": 1e-3},
+         "train_loss": 1.9, "val_loss": 2.2, "train_acc": 0.2, "val_acc": 0.2, "val_macro_f1": 0.1},
+        {"epoch": 2, "stage": 1, "lr_start": {"head": 1e-3}, "lr": {"head": 2e-4},
+         "train_loss": 1.5, "val_loss": 1.4, "train_acc": 0.4, "val_acc": 0.5, "val_macro_f1": 0.4},
+        {"epoch": 3, "stage": 2, "lr_start": {"head": 5e-4}, "lr": {"head": 5e-5},
+         "train_loss": 1.2, "val_loss": 1.0, "train_acc": 0.6, "val_acc": 0.6, "val_macro_f1": 0.6},
+    ]  # fmt: skip
+    losses = {"train": "cross-entropy, label smoothing 0.1", "val": "cross-entropy"}
+    plot_epoch_curves({"epochs": epochs, "losses": losses}, tmp_path / "e.png")
+    loss_ax, _, lr_ax = figures[-1].axes
+    labels = [t.get_text() for t in loss_ax.get_legend().get_texts()]
+    assert labels == ["train: cross-entropy, label smoothing 0.1", "val: cross-entropy"]
+    assert "differ" in loss_ax.get_ylabel()
+    # Each epoch is a segment from its first step's LR (at e - 1) to its last one's (at e);
+    # the jump at the stage boundary shows between 2e-4 and 5e-4 at x = 2.
+    (line,) = lr_ax.get_lines()[:1]
+    assert list(line.get_xdata()) == [0.0, 1.0, 1.0, 2.0, 2.0, 3.0]
+    assert list(line.get_ydata()) == [1e-4, 1e-3, 1e-3, 2e-4, 5e-4, 5e-5]
+    assert lr_ax.get_ylabel() == "learning rate (first and last step of each epoch)"
+
+    # A history that does not say which loss is which, nor the start LRs, still says so.
+    old = [{k: v for k, v in e.items() if k != "lr_start"} for e in epochs]
+    plot_epoch_curves({"epochs": old}, tmp_path / "old.png")
+    loss_ax, _, lr_ax = figures[-1].axes
+    labels = [t.get_text() for t in loss_ax.get_legend().get_texts()]
+    assert labels == ["train: the training objective", "val: cross-entropy"]
+    assert list(lr_ax.get_lines()[0].get_xdata()) == [1.0, 2.0, 3.0]
+    assert lr_ax.get_ylabel() == "learning rate (after each epoch)"
+
+
+def test_pr_curves_have_no_spike_to_precision_1_at_recall_0(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    figures = _drawn(monkeypatch)
+    # Class a's highest score belongs to a class-b image: at the first threshold precision
+    # is 0, and nothing reaches precision 1 before recall 0.5.
+    y = np.array([1, 0, 0, 1, 2, 2])
+    probs = np.array(
+        [[0.9, 0.1, 0.0], [0.8, 0.1, 0.1], [0.3, 0.4, 0.3], [0.1, 0.8, 0.1],
+         [0.2, 0.1, 0.7], [0.1, 0.1, 0.8]]
+    )  # fmt: skip
+    plot_pr_curves(y, probs, NAMES, tmp_path / "pr.png")
+    curve = figures[-1].axes[0].get_lines()[0]
+    drawn = sorted(zip(curve.get_xdata(), curve.get_ydata(), strict=True))
+    # Precision and recall of "score >= t" for every distinct score t, by hand.
+    scores, positive = probs[:, 0], y == 0
+    expected = []
+    for t in np.unique(scores):
+        picked = scores >= t
+        hits = (picked & positive).sum()
+        expected.append((hits / positive.sum(), hits / picked.sum()))
+    np.testing.assert_allclose(np.array(drawn), np.array(sorted(expected)))
+    assert drawn[0] == (0.0, 0.0) and (0.0, 1.0) not in drawn

@@ -39,7 +39,9 @@ def _one_thread() -> object:
 
 
 def _config(**kw: object) -> TrainConfig:
-    base: dict[str, object] = {"pretrained": False, "weight_decay": 0.0, "warmup_epochs": 0.0}
+    # The fine-tuning LRs, not the from-scratch ones: these tests check how LRs are applied.
+    base: dict[str, object] = {"pretrained": False, "weight_decay": 0.0, "warmup_epochs": 0.0,
+                               "lr_backbone": 1e-5, "lr_attention": 1e-4}  # fmt: skip
     base.update(kw)
     return TrainConfig.model_validate(base)
 

@@ -5,19 +5,33 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 from PIL import Image
 
-from tests.training.train_helpers import make_data, one_thread
-from training.checkpoint import load_checkpoint
+from tests.training.train_helpers import make_data, one_thread, tiny_config
+from training import trainer
+from training.checkpoint import (
+    BestCheckpoint,
+    BestEpoch,
+    LastCheckpoint,
+    load_checkpoint,
+    rng_state,
+    set_rng_state,
+)
 from training.cli import main
-from training.config import TrainConfig
+from training.config import ConfigError, TrainConfig
 from training.data import DataSplits
+from training.publish import default_description
+from training.trainer import train
 from wastenet.artifacts import config_digest, load_version
+from wastenet.classes import CLASS_NAMES
 from wastenet.nets import ModelConfig, build_model
 from wastenet.preprocess import eval_transform
 
@@ -142,6 +156,7 @@ def test_published_version_predicts_like_the_trained_model(run: dict[str, Path])
     config = json.loads((run["run"] / "config.json").read_text())
     assert meta.training_config_digest == config_digest(config)
     assert "differential" in meta.description
+    assert "trained from scratch" in meta.description and "fine-tuned" not in meta.description
 
     transform = eval_transform(meta.preprocessing)
     splits = DataSplits.load(run["run"] / "splits.json")
@@ -169,6 +184,78 @@ def test_evaluate_command_reproduces_the_test_metrics(run: dict[str, Path], tmp_
     assert main(["evaluate", str(run["run"]), "--split", "val", "--out", str(tmp_path / "v"),
                  "--device", "cpu"]) == 0  # fmt: skip
     assert json.loads((tmp_path / "v" / "metrics-val.json").read_text())["split"] == "val"
+
+
+@pytest.mark.slow
+def test_published_version_records_where_its_data_came_from(run: dict[str, Path]) -> None:
+    meta = load_version(run["repo"] / NAME / "1").metadata
+    splits = DataSplits.load(run["run"] / "splits.json")
+    assert meta.data is not None
+    assert (meta.data.source, meta.data.root) == (str(run["data"].resolve()), splits.root)
+    assert (meta.data.seed, meta.data.val_fraction, meta.data.test_fraction) == (0, 0.15, 0.15)
+    assert meta.data.split_digests == {s: splits.digest(s) for s in ("train", "val", "test")}
+    assert meta.data.splits_digest == splits.digest()
+    assert meta.data.counts == {"train": len(splits.train), "val": 60, "test": 60}
+    assert meta.data.splits_file == str((run["run"] / "splits.json").resolve())
+    metrics = json.loads((run["run"] / "metrics.json").read_text())
+    assert metrics["data"]["splits_digest"] == splits.digest() and metrics["held_out"] is True
+
+
+@pytest.mark.slow
+def test_evaluate_refuses_images_the_version_was_trained_on(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    version, data = str(run["repo"] / NAME / "1"), str(run["data"])
+    # Another seed splits the same folder differently: its test split holds training images.
+    argv = ["evaluate", version, "--data", data, "--seed", "1", "--device", "cpu"]
+    assert main([*argv, "--out", str(tmp_path / "s1")]) == 2
+    assert "of the 60 evaluation images were training images of" in capsys.readouterr().err
+    assert not (tmp_path / "s1").exists()
+    assert main([*argv, "--out", str(tmp_path / "s1"), "--allow-overlap"]) == 0
+    assert "NOT HELD OUT" in capsys.readouterr().out
+    forced = json.loads((tmp_path / "s1" / "metrics.json").read_text())
+    assert forced["held_out"] is False and forced["overlap"]["train"] > 0
+    # Without --seed the training seed is used: the held-out test split, the run's numbers.
+    assert main(["evaluate", version, "--data", data, "--device", "cpu",
+                 "--out", str(tmp_path / "s0")]) == 0  # fmt: skip
+    held = json.loads((tmp_path / "s0" / "metrics.json").read_text())
+    want = json.loads((run["run"] / "metrics.json").read_text())
+    assert held["held_out"] is True and held["overlap"] == {"train": 0, "val": 0}
+    assert held["data"]["seed"] == 0 and held["confusion_matrix"] == want["confusion_matrix"]
+
+
+@pytest.mark.slow
+def test_evaluate_without_known_training_files_warns(
+    run: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A version whose model.json records no data and whose run directory is gone.
+    copy = tmp_path / "models" / NAME / "1"
+    shutil.copytree(run["repo"] / NAME / "1", copy)
+    meta = json.loads((copy / "model.json").read_text())
+    del meta["data"]
+    meta["training"]["run_dir"] = str(tmp_path / "gone")
+    (copy / "model.json").write_text(json.dumps(meta))
+    assert main(["evaluate", str(copy), "--data", str(run["data"]), "--device", "cpu",
+                 "--out", str(tmp_path / "e")]) == 0  # fmt: skip
+    assert "WARNING: cannot tell whether these 60 images were held out" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["held_out"] is None
+
+
+@pytest.mark.slow
+def test_evaluate_run_leaves_the_training_metrics_alone(
+    run: dict[str, Path], tmp_path: Path
+) -> None:
+    before = (run["run"] / "metrics.json").read_text()
+    assert main(["evaluate", str(run["run"]), "--device", "cpu"]) == 0
+    assert (run["run"] / "metrics.json").read_text() == before
+    assert "best_epoch" in json.loads(before)
+    again = json.loads((run["run"] / "eval-test" / "metrics.json").read_text())
+    assert again["held_out"] is True
+    assert again["confusion_matrix"] == json.loads(before)["confusion_matrix"]
+    assert (run["run"] / "eval-test" / "plots" / "epoch_curves.png").is_file()
+    # Pointed at the run directory itself, it refuses rather than replace them.
+    assert main(["evaluate", str(run["run"]), "--out", str(run["run"]), "--device", "cpu"]) == 2
+    assert (run["run"] / "metrics.json").read_text() == before
 
 
 @pytest.mark.slow
@@ -224,3 +311,149 @@ def test_publish_command_adds_the_next_version(
     meta = load_version(run["repo"] / NAME / "2").metadata
     assert meta.description == "second copy"
     assert meta.model_extra is not None and meta.model_extra["training"]["best_epoch"] >= 1
+
+
+# ----------------------------------------------------------------- the loop's decisions
+
+
+@pytest.fixture(scope="module")
+def small_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("small"), images_per_class=6, size=40)
+
+
+def _script_validation(
+    monkeypatch: pytest.MonkeyPatch, f1: dict[str, list[float]]
+) -> dict[str, list[dict[str, torch.Tensor]]]:
+    """Validation answers macro-F1 ``f1[kind][i]`` in its i-th call for ``kind`` (raw, ema,
+    or "" without EMA), with matching loss and accuracy; the test split is evaluated for
+    real. Returns the state dict of each network validated, per kind."""
+    real = trainer.evaluate
+    calls: dict[str, list[dict[str, torch.Tensor]]] = {kind: [] for kind in f1}
+
+    def scripted(model: torch.nn.Module, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        out = real(model, *args, **kwargs)
+        desc = kwargs["desc"]
+        if desc.startswith("validate"):
+            kind = desc.removeprefix("validate").strip()
+            value = f1[kind][len(calls[kind])]
+            calls[kind].append({k: v.clone() for k, v in model.state_dict().items()})
+            out.update(macro_f1=value, accuracy=value, loss=1.0 - value)
+        return out
+
+    monkeypatch.setattr(trainer, "evaluate", scripted)
+    return calls
+
+
+def test_ema_and_raw_weights_are_both_validated_and_the_better_is_kept(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _script_validation(monkeypatch, {"raw": [0.3, 0.25, 0.35], "ema": [0.2, 0.4, 0.1]})
+    config = tiny_config(
+        small_data, tmp_path / "run", strategy="differential", epochs=3, ema_decay=0.999,
+        publish_repo=str(tmp_path / "models"), publish_name="ema-test",
+    )  # fmt: skip
+    result = train(config, log=lambda _m: None)
+
+    epochs = result.history["epochs"]
+    assert result.history["losses"] == {
+        "train": "cross-entropy, label smoothing 0.1",
+        "val": "cross-entropy",
+    }
+    assert [e["weights"] for e in epochs] == ["raw", "ema", "raw"]
+    assert [e["val_macro_f1"] for e in epochs] == [0.3, 0.4, 0.35]
+    assert [e["raw_val_macro_f1"] for e in epochs] == [0.3, 0.25, 0.35]
+    assert [e["ema_val_macro_f1"] for e in epochs] == [0.2, 0.4, 0.1]
+    assert result.best_epoch == 2
+    # best.pt holds the EMA network exactly as validated in epoch 2, and says so.
+    best = BestCheckpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")
+    assert best.best.weights == "ema" and best.epoch == 2
+    validated = calls["ema"][1]
+    assert best.model.keys() == validated.keys()
+    for name, tensor in validated.items():
+        assert torch.equal(best.model[name], tensor), name
+    assert not torch.equal(best.model["fc.weight"], calls["raw"][1]["fc.weight"])
+    assert result.metrics is not None and result.metrics["weights"] == "ema"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["best_epoch"] == 2
+    meta = load_version(tmp_path / "models" / "ema-test" / "1").metadata
+    assert meta.model_extra is not None
+    assert meta.model_extra["training"]["best"]["weights"] == "ema"
+
+
+def test_early_stopping_ends_each_stage_on_its_own_patience(
+    small_data: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Stage 1 stalls after one epoch and gives way to stage 3 (stage 2 has no epochs). Stage
+    # 3 starts below stage 1's best but improves on its own, then stalls: the run ends
+    # before its seventh epoch.
+    _script_validation(monkeypatch, {"": [0.3, 0.2, 0.25, 0.28, 0.27, 0.9]})
+    settings: dict[str, Any] = {
+        "strategy": "three_stage", "stage_epochs": (3, 0, 4), "early_stop_patience": 1,
+    }  # fmt: skip
+    lines: list[str] = []
+
+    def stop_after_two(record: dict[str, Any]) -> None:
+        if record["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    config = tiny_config(small_data, tmp_path / "run", **settings)
+    with pytest.raises(KeyboardInterrupt):
+        train(config, log=lines.append, on_epoch_end=stop_after_two)
+    # The resumed run makes the same decision from the saved history.
+    result = train(config, resume=tmp_path / "run", log=lines.append)
+    assert [e["epoch"] for e in result.history["epochs"]] == [1, 2, 4, 5, 6]
+    assert [e["stage"] for e in result.history["epochs"]] == [1, 1, 3, 3, 3]
+    assert result.stopped_early and result.best_epoch == 1
+    assert any("stage 1 ends after epoch 2" in line for line in lines)
+    assert any("the run ends after epoch 6" in line for line in lines)
+
+
+def test_amp_auto_picks_bf16_only_on_compute_capability_8(monkeypatch: pytest.MonkeyPatch) -> None:
+    cuda = torch.device("cuda")
+    # A T4 says yes to is_bf16_supported() (emulated), but has compute capability 7.5.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    assert trainer.amp_settings("auto", cuda) == (torch.float16, True)
+    assert trainer.amp_settings("fp16", cuda) == (torch.float16, True)
+    with pytest.raises(ConfigError, match=r"Tesla T4 \(compute capability 7.5\) has no native"):
+        trainer.amp_settings("bf16", cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA A100")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert trainer.amp_settings("auto", cuda) == (torch.bfloat16, False)
+    assert trainer.amp_settings("off", cuda) == (None, False)
+    assert trainer.amp_settings("auto", torch.device("cpu")) == (None, False)
+
+
+def test_resume_on_a_gpu_keeps_the_rng_states_on_the_cpu(tmp_path: Path) -> None:
+    # A CUDA run resumes: the checkpoint must not be mapped to the GPU, or the RNG states
+    # land there and torch.set_rng_state / numpy refuse them. Here "cuda" is only a name
+    # (on a machine without a GPU, mapping to it fails outright).
+    net = build_model(ModelConfig(cbam="none"))
+    config = TrainConfig(model=ModelConfig(cbam="none"))
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
+    last = LastCheckpoint(
+        config=config, class_names=CLASS_NAMES, epoch=2, model=net.state_dict(), best=BestEpoch(),
+        stage=1, ema=None, optimizer={}, scheduler={}, scaler=None,
+        history={"epochs": [], "iterations": []}, rng=rng_state(),
+    )  # fmt: skip
+    last.save(tmp_path / "last.pt")
+    torch.manual_seed(0)
+    setup = SimpleNamespace(
+        resume_from=tmp_path / "last.pt", device=torch.device("cuda"), model=net, ema=None,
+        scaler=None,
+    )  # fmt: skip
+    state = trainer.initial_state(setup, lambda _m: None)  # type: ignore[arg-type]
+    assert state.resumed is not None and state.epochs_done == 2
+    assert state.resumed.rng["torch"].device.type == "cpu"
+    set_rng_state(state.resumed.rng)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_default_description_says_how_the_backbone_started() -> None:
+    metrics = {"accuracy": 0.5, "macro_f1": 0.4, "num_samples": 10}
+    scratch = default_description(TrainConfig(pretrained=False, data_dir=Path("d")), metrics)
+    tuned = default_description(TrainConfig(data_dir=Path("d")), metrics)
+    assert "trained from scratch" in scratch and "fine-tuned" not in scratch
+    assert "fine-tuned from ImageNet weights" in tuned

@@ -16,6 +16,7 @@ from wastenet.schema import (
     ONNX_INT8_FILE,
     AgreementReport,
     ClassAgreement,
+    DataProvenance,
     ExportedFile,
     ModelMetadata,
     Quantization,
@@ -114,3 +115,35 @@ def test_read_export_refuses_a_tampered_or_missing_file(tmp_path: Path) -> None:
     (tmp_path / ONNX_INT8_FILE).unlink()
     with pytest.raises(ArtifactError, match="missing"):
         read_export(tmp_path, record)
+
+
+def metadata(**changes: Any) -> dict[str, Any]:
+    return {
+        "format_version": 1,
+        "architecture": {},
+        "class_names": list(CLASS_NAMES),
+        "preprocessing": {},
+        "weights_sha256": SHA,
+        "evaluation": {"num_samples": 1, "accuracy": 1.0, "macro_f1": 1.0, "per_class_f1": {}},
+        "training_config_digest": "x",
+        "created_at": "2025-01-01T00:00:00Z",
+        "torch_version": "2",
+        "torchvision_version": "0",
+        **changes,
+    }
+
+
+def test_data_provenance_is_optional_and_checked_when_present() -> None:
+    assert ModelMetadata.model_validate(metadata()).data is None  # versions from before it
+    record = {
+        "source": "/data/garbage", "root": "/data/garbage", "seed": 3, "presplit": False,
+        "val_fraction": 0.15, "test_fraction": 0.15, "splits_digest": SHA,
+        "split_digests": {"train": SHA, "val": SHA, "test": SHA},
+        "counts": {"train": 70, "val": 15, "test": 15},
+    }  # fmt: skip
+    meta = ModelMetadata.model_validate(metadata(data=record))
+    assert meta.data == DataProvenance(**record) and meta.data.splits_file is None
+    with pytest.raises(ValidationError, match="splits_digest"):
+        ModelMetadata.model_validate(metadata(data={**record, "splits_digest": "short"}))
+    with pytest.raises(ValidationError, match="seed"):
+        ModelMetadata.model_validate(metadata(data={**record, "seed": -1}))
