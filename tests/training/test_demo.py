@@ -47,4 +47,6 @@ def test_bootstrap_demo_publishes_a_loadable_demo_version(tmp_path: Path) -> Non
     else:
         assert int8.agreement is not None and not int8.agreement.forced
         assert int8.agreement.top1_agreement >= int8.agreement.threshold == 0.99
+        assert int8.quantization is not None and int8.quantization.model_extra is not None
+        assert int8.quantization.model_extra["recipe"] == "conv-keep-stem"
         assert (ref.path / "model.int8.onnx").is_file()
