@@ -300,6 +300,11 @@ class TrainConfig(BaseModel):
                     f"{list(self.stage_epochs)} (sum {sum(self.stage_epochs)}); three_stage "
                     "takes its length from stage_epochs"
                 )
+        if self.export.precisions and self.publish_repo is None:
+            raise ValueError(
+                "export.onnx/int8 write files into the published version, but publish_repo "
+                "is unset: add --publish REPO"
+            )
         if self.publish_name is not None:
             from wastenet.schema import validate_model_name
 

@@ -95,10 +95,12 @@ def test_export_flags_and_the_export_table_reach_the_train_config(tmp_path: Path
     assert _config([]).export == ExportConfig()
     toml = tmp_path / "c.toml"
     toml.write_text("[export]\nonnx = true\nmin_agreement = 0.98\n")
-    from_file = _config(["--config", str(toml), "--min-agreement", "0.97"])
+    from_file = _config(["--config", str(toml), "--min-agreement", "0.97", "--publish", "m"])
     assert from_file.export == ExportConfig(onnx=True, min_agreement=0.97)
     with pytest.raises(ConfigError, match="export.min_agreement"):
         _config(["--min-agreement", "1.5"])
+    with pytest.raises(ConfigError, match="publish_repo is unset: add --publish REPO"):
+        _config(["--int8"])
 
 
 def test_publish_and_export_commands_take_the_export_flags(
@@ -131,9 +133,11 @@ def test_export_settings_may_change_when_resuming(tmp_path: Path) -> None:
         _config(["--no-pretrained", "--data", "d", "--out-dir", str(run)]), run / "config.json"
     )
     parser = build_parser()
-    args = parser.parse_args(["train", "--resume", str(run), "--int8", "--force"])
+    args = parser.parse_args(["train", "--resume", str(run), "--int8", "--force", "--publish", "m"])
     assert resume_config(run, args).export == ExportConfig(int8=True, force=True)
-    args = parser.parse_args(["train", "--resume", str(run), "--int8", "--lr-head", "0.5"])
+    args = parser.parse_args(
+        ["train", "--resume", str(run), "--publish", "m", "--onnx", "--lr-head", "0.5"]
+    )
     with pytest.raises(ConfigError, match="cannot change lr_head"):
         resume_config(run, args)
 
