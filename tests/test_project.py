@@ -37,3 +37,8 @@ def test_pins_and_lean_serving_install() -> None:
     for training_only in ("scikit-learn", "matplotlib", "tqdm"):
         assert training_only not in core
         assert any(training_only in d for d in project["optional-dependencies"]["train"])
+    # Serving runs exported files with ONNX Runtime; only exporting needs onnx/onnxscript.
+    names = {re.split(r"[<>=!~\[; ]", d)[0] for d in project["dependencies"]}
+    train = {re.split(r"[<>=!~\[; ]", d)[0] for d in project["optional-dependencies"]["train"]}
+    assert "onnxruntime" in names and not {"onnx", "onnxscript"} & names
+    assert {"onnx", "onnxscript"} <= train

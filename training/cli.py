@@ -1,4 +1,4 @@
-"""Command line: ``python -m training {train,evaluate,predict,synth,ablate,publish}``.
+"""Command line: ``python -m training {train,evaluate,predict,synth,ablate,publish,export}``.
 
 Every TrainConfig setting is also a flag of ``train`` and ``ablate``, generated from the
 config's own field descriptions, so the help text and the defaults cannot drift apart.
@@ -16,6 +16,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic.fields import FieldInfo
 
 from training.config import ConfigError, TrainConfig, load_config, merge, read_config
+from training.export import ExportConfig
 
 # Settings that may change when a run is resumed; everything else must stay as it was.
 RESUMABLE = frozenset(
@@ -31,6 +32,7 @@ RESUMABLE = frozenset(
         "publish_name",
         "description",
     }
+    | {f"export.{name}" for name in ExportConfig.model_fields}
 )
 MODEL_HELP = {
     "arch": "backbone",
@@ -50,12 +52,13 @@ PREPROCESSING_HELP = {
     "mean": "normalisation mean (match the pretrained weights)",
     "std": "normalisation std (match the pretrained weights)",
 }
-SKIP_FIELDS = {"model", "augment", "pretrained", "pretrained_path"}
+SKIP_FIELDS = {"model", "augment", "pretrained", "pretrained_path", "export"}
 ALIASES = {
     "data_dir": ["--data", "--data-dir"],
     "out_dir": ["--out-dir", "--out"],
     "publish_repo": ["--publish", "--publish-repo"],
 }
+EXPORT_FLAGS = {"calibration_dir": ["--calibration"]}
 
 TRAIN_EPILOG = """\
 examples:
@@ -143,6 +146,8 @@ def _add_field(
     metavar = {int: "N", float: "X", Path: "PATH"}.get(convert, "TEXT")
     if name.startswith("lr_"):
         metavar = "LR"
+    if name.endswith("_dir"):
+        metavar = "DIR"
     if optional:
         convert = _parse_optional(convert)
     group.add_argument(*flags, type=convert, metavar=metavar, **kwargs)
@@ -224,6 +229,30 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
     for name, info in AugmentConfig.model_fields.items():
         flag = "--aug-" + name.replace("_", "-")
         _add_field(aug, name, info, f"augment.{name}", [flag], info.description or name)
+    add_export_flags(parser.add_argument_group("exported files (with --publish)"))
+
+
+def add_export_flags(group: argparse._ArgumentGroup, skip: tuple[str, ...] = ()) -> None:
+    """One flag per ExportConfig setting, dest ``export.<name>``."""
+    for name, info in ExportConfig.model_fields.items():
+        if name in skip:
+            continue
+        flags = EXPORT_FLAGS.get(name, ["--" + name.replace("_", "-")])
+        _add_field(group, name, info, f"export.{name}", flags, info.description or name)
+
+
+def export_config_from_args(args: argparse.Namespace) -> ExportConfig:
+    """The ExportConfig of the export flags given (defaults for the rest)."""
+    from pydantic import ValidationError
+
+    try:
+        return ExportConfig.model_validate(overrides_from_args(args).get("export", {}))
+    except ValidationError as exc:
+        problems = [
+            f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err.get('input')!r})"
+            for err in exc.errors()
+        ]
+        raise ConfigError("invalid export flags: " + "; ".join(problems)) from exc
 
 
 def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -370,8 +399,23 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 def cmd_publish(args: argparse.Namespace) -> int:
     from training.publish import publish_run
 
-    ref = publish_run(args.run_dir, args.repo, args.name, args.description or "")
+    options = export_config_from_args(args)
+    ref = publish_run(
+        args.run_dir, args.repo, args.name, args.description or "", export=options, progress=True
+    )
     print(f"published {ref.name} version {ref.version} at {ref.path}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.publish import export_version
+
+    options = export_config_from_args(args)
+    ref = export_version(args.version_dir, options, args.data, progress=True)
+    print(
+        f"published {ref.name} version {ref.version} at {ref.path} (derived from version "
+        f"{args.version_dir.name}: same weights, with ONNX files)"
+    )
     return 0
 
 
@@ -532,7 +576,45 @@ def _add_publish(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
         "--name", help="model name (default: from the run's config, e.g. waste-resnet18-block)"
     )
     p.add_argument("--description", help="free text stored in model.json")
+    add_export_flags(p.add_argument_group("exported files"))
     p.set_defaults(func=cmd_publish)
+
+
+EXPORT_EPILOG = """\
+examples:
+  # add an fp32 and an int8 ONNX file to version 3 (published as a new version)
+  python -m training export models/waste-resnet18-block/3 --int8
+
+  # the training run is gone: measure agreement on another copy of the data
+  python -m training export models/waste-resnet18-block/3 --int8 --data data/garbage
+
+Agreement is measured on the held-out test split of the version's training run (its
+splits.json), or of --data DIR split with the seed and fractions the version was trained
+with. int8 is calibrated on that run's train and val images, or on --calibration DIR.
+"""
+
+
+def _add_export(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "export",
+        help="publish a new version with ONNX files (fp32, int8) from an existing one",
+        description="Export VERSION_DIR's network to ONNX (model.onnx, and model.int8.onnx "
+        "with --int8), measure each file against the fp32 PyTorch model on held-out images, "
+        "and publish the same weights plus the files as the next version, recording "
+        "derived_from. The source version is not changed.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXPORT_EPILOG,
+    )
+    p.add_argument("version_dir", type=Path, help="models/<name>/<version> to export")
+    p.add_argument(
+        "--data",
+        type=Path,
+        metavar="DIR",
+        help="labelled images (one sub-folder per class) when the training run's splits.json "
+        "is gone; split like the version's training run",
+    )
+    add_export_flags(p.add_argument_group("exported files"), skip=("onnx",))
+    p.set_defaults(func=cmd_export)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -551,6 +633,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_ablate(sub)
     _add_publish(sub)
+    _add_export(sub)
     return parser
 
 

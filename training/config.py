@@ -18,6 +18,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from training.augment import AugmentConfig
+from training.export import ExportConfig
 from wastenet.nets import ModelConfig
 from wastenet.schema import Preprocessing
 
@@ -270,6 +271,11 @@ class TrainConfig(BaseModel):
         default=None, description="model name to publish under (default: waste-<arch>-<cbam>)"
     )
     description: str = Field(default="", description="description stored with the version")
+    export: ExportConfig = Field(
+        default_factory=ExportConfig,
+        description="ONNX files published with the version (onnx, int8, calibration, "
+        "agreement threshold)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -303,6 +309,11 @@ class TrainConfig(BaseModel):
                     f"{list(self.stage_epochs)} (sum {sum(self.stage_epochs)}); three_stage "
                     "takes its length from stage_epochs"
                 )
+        if self.export.precisions and self.publish_repo is None:
+            raise ValueError(
+                "export.onnx/int8 write files into the published version, but publish_repo "
+                "is unset: add --publish REPO"
+            )
         if self.publish_name is not None:
             from wastenet.schema import validate_model_name
 

@@ -757,6 +757,9 @@ def _publish(setup: RunSetup, log: RunLog) -> VersionRef | None:
         config.publish_name,
         config.description,
         extra={"data": _provenance(setup)},
+        export=config.export,
+        progress=config.progress,
+        log=log,
     )
     log(f"published {version.name} version {version.version} at {version.path}")
     return version

@@ -6,12 +6,16 @@ Layout (see DESIGN.md)::
 
     models/<name>/aliases.json            optional {"production": 3, "staging": 4}
     models/<name>/<version>/weights.safetensors
+    models/<name>/<version>/model.onnx, model.int8.onnx   optional exported files
     models/<name>/<version>/model.json
 
 Publishing is atomic: the version is written into a hidden temporary folder inside
 ``models/<name>/`` and renamed to the next free integer; rename(2) refuses a non-empty
 target, so concurrent publishers get distinct versions and a reader never sees a
-half-written one.
+half-written one. Exported files are copied into the temporary folder too, so they appear
+with the version. Publishing weights that a version of the model already holds is refused
+unless forced; the check runs before the rename, so two publishers of the same weights at
+the same moment could still both succeed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -44,6 +48,7 @@ from wastenet.schema import (
     RESERVED_ALIASES,
     VERSION_RULE,
     WEIGHTS_FILE,
+    DerivedFrom,
     Evaluation,
     ExportedFile,
     ModelConfig,
@@ -123,6 +128,56 @@ def list_models(repo: Path) -> list[str]:
     return sorted(c.name for c in repo.iterdir() if c.is_dir() and MODEL_NAME_RE.fullmatch(c.name))
 
 
+def weights_sha256(model: nn.Module) -> str:
+    """The sha256 that ``model``'s weights file will have once published (same bytes)."""
+    return hashlib.sha256(safetensors.torch.save(_state_dict_for_saving(model))).hexdigest()
+
+
+class DuplicateVersionError(ValueError):
+    """A version of the model already holds these weights (and the exported files asked for)."""
+
+    def __init__(self, existing: VersionRef, message: str) -> None:
+        self.existing = existing
+        super().__init__(message)
+
+
+def find_duplicate(
+    model_dir: Path, weights_sha: str, precisions: Collection[str] = (), derived: bool = False
+) -> VersionRef | None:
+    """The newest version under ``model_dir`` that already holds weights ``weights_sha``.
+
+    For a fresh publish any such version counts. A derived version reuses the weights on
+    purpose (to add exported files), so only a version that also ships every precision in
+    ``precisions`` counts. Unreadable versions are skipped.
+    """
+    for version in reversed(list_versions(model_dir)):
+        path = model_dir / str(version)
+        try:
+            metadata = read_metadata(path)
+        except ArtifactError:
+            continue
+        shipped = {e.precision for e in metadata.exports}
+        if metadata.weights_sha256 == weights_sha and (not derived or set(precisions) <= shipped):
+            return VersionRef(model_dir.name, version, path)
+    return None
+
+
+def refuse_duplicate(
+    model_dir: Path, weights_sha: str, precisions: Collection[str] = (), derived: bool = False
+) -> None:
+    """Raise DuplicateVersionError naming the version that already holds these weights."""
+    existing = find_duplicate(model_dir, weights_sha, precisions, derived)
+    if existing is None:
+        return
+    shipped = f" with {' and '.join(precisions)} ONNX" if derived and precisions else ""
+    raise DuplicateVersionError(
+        existing,
+        f"these weights (sha256 {weights_sha[:12]}...) are already published{shipped} as "
+        f"{existing.name} version {existing.version} ({existing.path}); pass --force to "
+        "publish them again as a new version",
+    )
+
+
 def publish_version(
     repo: str | os.PathLike[str],
     name: str,
@@ -134,32 +189,93 @@ def publish_version(
     training_config: Mapping[str, Any] | None = None,
     description: str = "",
     extra: Mapping[str, Any] | None = None,
+    *,
+    exports: Sequence[tuple[Path, ExportedFile]] = (),
+    force: bool = False,
 ) -> VersionRef:
     """Write ``model`` as the next version of ``name`` in ``repo`` and return where it went.
 
     ``extra`` adds keys to ``model.json`` (for example the full resolved training config).
+    ``exports`` are exported files (where each is now, and its record) copied into the
+    version before it appears. Weights that a version of ``name`` already holds are refused
+    (DuplicateVersionError) unless ``force``.
     """
     validate_model_name(name)
-    model_dir = Path(repo) / name
-    model_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir))
-    try:
-        weights_path = tmp / WEIGHTS_FILE
-        safetensors.torch.save_file(_state_dict_for_saving(model), str(weights_path))
-        metadata = ModelMetadata(
+
+    def build(weights_sha: str, exported: list[ExportedFile]) -> ModelMetadata:
+        return ModelMetadata(
             format_version=FORMAT_VERSION,
             architecture=config,
             class_names=list(class_names),
             preprocessing=preprocessing or Preprocessing(),
-            weights_sha256=sha256_file(weights_path),
+            weights_sha256=weights_sha,
             evaluation=Evaluation.model_validate(evaluation),
             training_config_digest=config_digest(dict(training_config or {})),
             created_at=datetime.now(UTC),
             torch_version=torch.__version__,
             torchvision_version=torchvision.__version__,
             description=description,
+            exports=exported,
             **dict(extra or {}),
         )
+
+    return _publish(Path(repo) / name, model, build, exports, force, derived=False)
+
+
+def publish_derived(
+    source: LoadedVersion,
+    exports: Sequence[tuple[Path, ExportedFile]],
+    *,
+    force: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> VersionRef:
+    """Publish the next version of ``source``'s model: the same weights and metadata, plus
+    ``exports`` and ``derived_from``. Refused (DuplicateVersionError) when a version with
+    these weights already ships the same exported precisions, unless ``force``."""
+    meta, ref = source.metadata, source.ref
+    derived = DerivedFrom(name=ref.name, version=ref.version, weights_sha256=meta.weights_sha256)
+
+    def build(weights_sha: str, exported: list[ExportedFile]) -> ModelMetadata:
+        if weights_sha != meta.weights_sha256:
+            raise ArtifactError(
+                ref.path / WEIGHTS_FILE,
+                f"saving the loaded weights again gave sha256 {weights_sha[:12]}..., not the "
+                f"{meta.weights_sha256[:12]}... of the source version",
+            )
+        update = {"exports": exported, "derived_from": derived, "created_at": datetime.now(UTC)}
+        return ModelMetadata.model_validate({**meta.model_dump(), **update, **dict(extra or {})})
+
+    return _publish(ref.path.parent, source.model, build, exports, force, derived=True)
+
+
+def _copy_export(source: Path, record: ExportedFile, folder: Path) -> ExportedFile:
+    target = folder / record.file
+    shutil.copyfile(source, target)
+    if sha256_file(target) != record.sha256:
+        raise ArtifactError(source, f"changed while being published as {record.file}")
+    return record
+
+
+def _publish(
+    model_dir: Path,
+    model: nn.Module,
+    build: Callable[[str, list[ExportedFile]], ModelMetadata],
+    exports: Sequence[tuple[Path, ExportedFile]],
+    force: bool,
+    derived: bool,
+) -> VersionRef:
+    """Weights, exported files and model.json into a temporary folder, then the rename."""
+    name = model_dir.name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=model_dir))
+    try:
+        weights_path = tmp / WEIGHTS_FILE
+        safetensors.torch.save_file(_state_dict_for_saving(model), str(weights_path))
+        exported = [_copy_export(path, record, tmp) for path, record in exports]
+        metadata = build(sha256_file(weights_path), exported)
+        if not force:
+            precisions = [e.precision for e in exported]
+            refuse_duplicate(model_dir, metadata.weights_sha256, precisions, derived)
         metadata.check_consistent()
         (tmp / METADATA_FILE).write_text(metadata.model_dump_json(indent=2) + "\n")
         _make_readable(tmp)

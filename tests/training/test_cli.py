@@ -12,8 +12,15 @@ import torchvision
 
 from tests.training.train_helpers import make_data, one_thread, tiny_config
 from training.checkpoint import load_checkpoint, save_checkpoint
-from training.cli import build_parser, config_from_args, main
-from training.config import ConfigError, TrainConfig, load_config
+from training.cli import (
+    build_parser,
+    config_from_args,
+    export_config_from_args,
+    main,
+    resume_config,
+)
+from training.config import ConfigError, TrainConfig, load_config, save_config
+from training.export import ExportConfig
 from training.trainer import train
 from wastenet.artifacts import load_version
 
@@ -27,7 +34,9 @@ def _config(argv: list[str]) -> TrainConfig:
     return config_from_args(build_parser().parse_args(["train", *argv]))
 
 
-@pytest.mark.parametrize("command", ["train", "evaluate", "predict", "synth", "ablate", "publish"])
+@pytest.mark.parametrize(
+    "command", ["train", "evaluate", "predict", "synth", "ablate", "publish", "export"]
+)
 def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
@@ -38,7 +47,11 @@ def test_every_command_has_help(command: str, capsys: pytest.CaptureFixture[str]
         for flag in ("--data", "--strategy", "--stage-epochs", "--lr-head", "--cbam",
                      "--pretrained", "--no-pretrained", "--resume", "--publish", "torchrun",
                      "--aug-rotation", "--ema-decay", "--weighted-sampler", "--input-size",
-                     "--resize-size", "--mean", "--std"):  # fmt: skip
+                     "--resize-size", "--mean", "--std", "--onnx", "--int8", "--calibration",
+                     "--min-agreement", "--quant-recipe", "--force"):  # fmt: skip
+            assert flag in text, flag
+    if command in ("publish", "export"):
+        for flag in ("--int8", "--calibration DIR", "--min-agreement", "--force"):
             assert flag in text, flag
 
 
@@ -64,6 +77,69 @@ def test_flags_override_the_config_file_which_overrides_defaults(tmp_path: Path)
     assert load_config(saved) == config
     assert _config(["--config", str(saved), "--ema-decay", "none"]).ema_decay is None
     assert not _config(["--no-pretrained"]).pretrained
+
+
+def test_export_flags_and_the_export_table_reach_the_train_config(tmp_path: Path) -> None:
+    config = _config(["--publish", "models", "--int8", "--calibration", "cal",
+                      "--calibration-images", "64", "--min-agreement", "0.95",
+                      "--quant-recipe", "all", "--force"])  # fmt: skip
+    assert config.export == ExportConfig(
+        int8=True,
+        calibration_dir=Path("cal"),
+        calibration_images=64,
+        min_agreement=0.95,
+        quant_recipe="all",
+        force=True,
+    )
+    assert config.export.precisions == ("fp32", "int8")
+    assert _config([]).export == ExportConfig()
+    toml = tmp_path / "c.toml"
+    toml.write_text("[export]\nonnx = true\nmin_agreement = 0.98\n")
+    from_file = _config(["--config", str(toml), "--min-agreement", "0.97", "--publish", "m"])
+    assert from_file.export == ExportConfig(onnx=True, min_agreement=0.97)
+    with pytest.raises(ConfigError, match="export.min_agreement"):
+        _config(["--min-agreement", "1.5"])
+    with pytest.raises(ConfigError, match="publish_repo is unset: add --publish REPO"):
+        _config(["--int8"])
+
+
+def test_publish_and_export_commands_take_the_export_flags(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = build_parser()
+    args = parser.parse_args(["publish", "runs/a", "--int8", "--calibration", "cal", "--force"])
+    assert export_config_from_args(args) == ExportConfig(
+        int8=True, calibration_dir=Path("cal"), force=True
+    )
+    args = parser.parse_args(["export", "models/m/1", "--data", "d", "--min-agreement", "0.9"])
+    assert export_config_from_args(args) == ExportConfig(min_agreement=0.9)
+    assert args.data == Path("d") and args.version_dir == Path("models/m/1")
+    with pytest.raises(SystemExit):
+        parser.parse_args(["export", "models/m/1", "--onnx"])  # export always writes fp32
+    capsys.readouterr()
+    assert main(["publish", str(tmp_path), "--min-agreement", "2"]) == 2
+    assert (
+        "invalid export flags: --min-agreement: Input should be less than or equal to 1 (got 2.0)"
+        in capsys.readouterr().err
+    )
+    assert main(["export", str(tmp_path / "m" / "1")]) == 2
+    assert "model.json: missing" in capsys.readouterr().err
+
+
+def test_export_settings_may_change_when_resuming(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    save_config(
+        _config(["--no-pretrained", "--data", "d", "--out-dir", str(run)]), run / "config.json"
+    )
+    parser = build_parser()
+    args = parser.parse_args(["train", "--resume", str(run), "--int8", "--force", "--publish", "m"])
+    assert resume_config(run, args).export == ExportConfig(int8=True, force=True)
+    args = parser.parse_args(
+        ["train", "--resume", str(run), "--publish", "m", "--onnx", "--lr-head", "0.5"]
+    )
+    with pytest.raises(ConfigError, match="cannot change lr_head"):
+        resume_config(run, args)
 
 
 def test_augmentation_and_early_stopping_options_are_flags() -> None:

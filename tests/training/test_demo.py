@@ -35,3 +35,18 @@ def test_bootstrap_demo_publishes_a_loadable_demo_version(tmp_path: Path) -> Non
     assert probs.shape == (2, 12)
     assert any("published" in line for line in lines)
     assert not list(tmp_path.glob("models/waste-resnet18-cbam/.tmp-*"))
+
+    # Both ONNX files, or the fp32 one and the reason the int8 file was left out.
+    fp32 = meta.export("fp32")
+    assert fp32 is not None and fp32.agreement is not None
+    assert fp32.agreement.top1_agreement == 1.0 and (ref.path / "model.onnx").is_file()
+    int8 = meta.export("int8")
+    if int8 is None:
+        assert any(line.startswith("demo: left out model.int8.onnx: top-1") for line in lines)
+        assert not (ref.path / "model.int8.onnx").exists()
+    else:
+        assert int8.agreement is not None and not int8.agreement.forced
+        assert int8.agreement.top1_agreement >= int8.agreement.threshold == 0.99
+        assert int8.quantization is not None and int8.quantization.model_extra is not None
+        assert int8.quantization.model_extra["recipe"] == "conv-keep-stem"
+        assert (ref.path / "model.int8.onnx").is_file()

@@ -298,9 +298,16 @@ def test_predict_command_writes_top_k_csv_and_json(run: dict[str, Path], tmp_pat
 
 
 @pytest.mark.slow
-def test_publish_command_adds_the_next_version(run: dict[str, Path]) -> None:
-    assert main(["publish", str(run["run"]), "--repo", str(run["repo"]), "--name", NAME,
-                 "--description", "second copy"]) == 0  # fmt: skip
+def test_publish_command_adds_the_next_version(
+    run: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["publish", str(run["run"]), "--repo", str(run["repo"]), "--name", NAME,
+            "--description", "second copy"]  # fmt: skip
+    # train --publish already published these weights as version 1.
+    capsys.readouterr()
+    assert main(argv) == 2
+    assert f"already published as {NAME} version 1 " in capsys.readouterr().err
+    assert main([*argv, "--force"]) == 0
     meta = load_version(run["repo"] / NAME / "2").metadata
     assert meta.description == "second copy"
     assert meta.model_extra is not None and meta.model_extra["training"]["best_epoch"] >= 1

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import multiprocessing
 import os
@@ -10,18 +11,28 @@ import torch
 
 from wastenet.artifacts import (
     ArtifactError,
+    DuplicateVersionError,
     config_digest,
     list_versions,
     load_version,
+    publish_derived,
     publish_version,
     read_aliases,
+    read_export,
     read_metadata,
     sha256_file,
+    weights_sha256,
     write_aliases,
 )
 from wastenet.classes import CLASS_NAMES
 from wastenet.nets import ModelConfig, build_model
-from wastenet.schema import FORMAT_VERSION, Preprocessing, validate_model_name
+from wastenet.schema import (
+    FORMAT_VERSION,
+    DerivedFrom,
+    ExportedFile,
+    Preprocessing,
+    validate_model_name,
+)
 
 EVALUATION = {
     "split": "test",
@@ -82,15 +93,16 @@ def test_model_json_describes_the_version(tmp_path: Path) -> None:
 
 
 def test_versions_count_up_and_temp_folders_are_ignored(tmp_path: Path) -> None:
-    publish(tmp_path)
+    publish(tmp_path, seed=0)
     (tmp_path / NAME / ".tmp-abandoned").mkdir()
-    publish(tmp_path)
+    publish(tmp_path, seed=1)
     assert list_versions(tmp_path / NAME) == [1, 2]
     assert sorted(p.name for p in (tmp_path / NAME).iterdir()) == [".tmp-abandoned", "1", "2"]
 
 
-def _publish_in_process(repo: str) -> int:
+def _publish_in_process(repo: str, seed: int) -> int:
     config = ModelConfig(cbam="none")
+    torch.manual_seed(seed)  # distinct weights: equal ones would be refused as duplicates
     ref = publish_version(repo, NAME, build_model(config), config, CLASS_NAMES, EVALUATION)
     return ref.version
 
@@ -99,7 +111,7 @@ def test_concurrent_publishes_get_distinct_versions(tmp_path: Path) -> None:
     # spawn, not fork: forking a process whose torch thread pools are running can deadlock.
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=3, mp_context=spawn) as pool:
-        versions = list(pool.map(_publish_in_process, [str(tmp_path)] * 4))
+        versions = list(pool.map(_publish_in_process, [str(tmp_path)] * 4, range(4)))
     assert sorted(versions) == [1, 2, 3, 4]
     assert sorted(os.listdir(tmp_path / NAME)) == sorted(str(v) for v in versions)
     for v in versions:
@@ -220,8 +232,100 @@ def test_publish_skips_a_stray_file_that_holds_the_next_number(tmp_path: Path) -
     (tmp_path / NAME / "3").symlink_to(tmp_path / "nowhere")
     # Run where a hang shows as a failure: before, publishing retried number 2 forever.
     done: list[Path] = []
-    worker = threading.Thread(target=lambda: done.append(publish(tmp_path)), daemon=True)
+    worker = threading.Thread(target=lambda: done.append(publish(tmp_path, seed=1)), daemon=True)
     worker.start()
     worker.join(timeout=60)
     assert done == [tmp_path / NAME / "4"]
     assert list_versions(tmp_path / NAME) == [1, 4]
+
+
+# ------------------------------------------------------------------ duplicates and exports
+
+
+def test_publishing_the_same_weights_twice_is_refused_naming_the_version(tmp_path: Path) -> None:
+    first = publish(tmp_path, seed=0)
+    with pytest.raises(DuplicateVersionError, match=r"already published as .* version 1 ") as exc:
+        publish(tmp_path, seed=0)
+    assert exc.value.existing.path == first
+    assert "--force" in str(exc.value)
+    assert list_versions(tmp_path / NAME) == [1]
+    assert not list((tmp_path / NAME).glob(".tmp-*"))
+    # Other weights publish as usual; forcing publishes the same weights again.
+    assert publish(tmp_path, seed=1).name == "2"
+    assert publish(tmp_path, seed=0, force=True).name == "3"
+    metas = [read_metadata(tmp_path / NAME / v) for v in ("1", "3")]
+    assert metas[0].weights_sha256 == metas[1].weights_sha256
+
+
+def test_weights_sha256_is_the_published_files_hash(tmp_path: Path) -> None:
+    torch.manual_seed(4)
+    model = build_model(ModelConfig(cbam="none"))
+    path = publish_version(tmp_path, NAME, model, ModelConfig(cbam="none"), CLASS_NAMES, EVALUATION)
+    assert weights_sha256(model) == sha256_file(path.path / "weights.safetensors")
+
+
+def _fake_export(
+    folder: Path, content: bytes, precision: str = "fp32"
+) -> tuple[Path, ExportedFile]:
+    """A stand-in exported file (any bytes) and its record."""
+    path = folder / f"{precision}-{hashlib.sha256(content).hexdigest()[:8]}.onnx"
+    path.write_bytes(content)
+    record = ExportedFile(
+        file="model.onnx",
+        precision="fp32",
+        sha256=hashlib.sha256(content).hexdigest(),
+        opset=18,
+        input_name="input",
+        output_name="logits",
+    )
+    return path, record
+
+
+def test_exported_files_are_published_with_their_hashes(tmp_path: Path) -> None:
+    source, record = _fake_export(tmp_path, b"an onnx graph")
+    path = publish(tmp_path / "models", exports=[(source, record)])
+    meta = read_metadata(path)
+    assert meta.exports == [record]
+    assert meta.export("fp32") == record and meta.export("int8") is None
+    assert read_export(path, record) == b"an onnx graph"
+
+
+def test_an_exported_file_that_changed_is_not_published(tmp_path: Path) -> None:
+    source, record = _fake_export(tmp_path, b"an onnx graph")
+    source.write_bytes(b"another graph")
+    with pytest.raises(ArtifactError, match="changed while being published as model.onnx"):
+        publish(tmp_path / "models", exports=[(source, record)])
+    assert os.listdir(tmp_path / "models" / NAME) == []
+
+
+def test_a_derived_version_keeps_the_weights_and_records_its_source(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    first = publish(repo, seed=0, description="the original")
+    before = (first / "model.json").read_bytes()
+    source = load_version(first)
+    ref = publish_derived(source, [_fake_export(tmp_path, b"graph")], extra={"note": 1})
+    assert (ref.name, ref.version) == (NAME, 2)
+    meta = read_metadata(ref.path)
+    sha = source.metadata.weights_sha256
+    assert meta.derived_from == DerivedFrom(name=NAME, version=1, weights_sha256=sha)
+    assert meta.weights_sha256 == sha == sha256_file(ref.path / "weights.safetensors")
+    assert meta.description == "the original" and meta.evaluation == source.metadata.evaluation
+    assert meta.model_extra is not None and meta.model_extra["note"] == 1
+    assert [e.file for e in meta.exports] == ["model.onnx"]
+    assert (first / "model.json").read_bytes() == before  # the source never changes
+    assert sorted(os.listdir(first)) == ["model.json", "weights.safetensors"]
+
+
+def test_deriving_the_same_exports_twice_is_refused(tmp_path: Path) -> None:
+    repo = tmp_path / "models"
+    source = load_version(publish(repo, seed=0))
+    publish_derived(source, [_fake_export(tmp_path, b"graph")])
+    with pytest.raises(DuplicateVersionError, match=r"with fp32 ONNX as .* version 2 ") as exc:
+        publish_derived(source, [_fake_export(tmp_path, b"graph 2")])
+    assert exc.value.existing.version == 2
+    assert list_versions(repo / NAME) == [1, 2]
+    # A fresh publish of those weights is refused too (naming the newest such version) ...
+    with pytest.raises(DuplicateVersionError, match="version 2 "):
+        publish(repo, seed=0)
+    # ... and both go through when forced.
+    assert publish_derived(source, [_fake_export(tmp_path, b"graph 3")], force=True).version == 3
