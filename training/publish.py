@@ -72,6 +72,17 @@ def _check_classes(splits: DataSplits, class_names: list[str], source: str) -> N
         )
 
 
+def run_provenance(config: TrainConfig, run_dir: Path, splits: DataSplits) -> dict[str, Any]:
+    """Where a run's data came from (model.json's and metrics.json's ``data`` record)."""
+    source = config.splits_file or config.data_dir
+    return splits.provenance(
+        source=str(Path(source).resolve()) if source is not None else splits.root,
+        val_fraction=config.val_fraction,
+        test_fraction=config.test_fraction,
+        splits_file=str((run_dir / "splits.json").resolve()),
+    ).model_dump()
+
+
 def publish_run(
     run_dir: str | os.PathLike[str],
     repo: str | os.PathLike[str],
@@ -111,8 +122,7 @@ def publish_run(
             "best": best.best.to_dict(),
             "config": training_config,
         },
-        # Where the data came from, as the training run recorded it in metrics.json.
-        **({"data": metrics["data"]} if metrics.get("data") else {}),
+        "data": run_provenance(config, run, DataSplits.load(run / "splits.json")),
         **(extra or {}),
     }
     with tempfile.TemporaryDirectory(prefix="waste-export-") as work:

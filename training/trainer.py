@@ -734,15 +734,9 @@ def finish_run(setup: RunSetup, state: RunState, log: RunLog) -> RunResult:
 
 
 def _provenance(setup: RunSetup) -> dict[str, Any]:
-    """Where the run's data came from, for metrics.json and model.json."""
-    config = setup.config
-    source = config.splits_file or config.data_dir
-    return setup.splits.provenance(
-        source=str(Path(source).resolve()) if source is not None else setup.splits.root,
-        val_fraction=config.val_fraction,
-        test_fraction=config.test_fraction,
-        splits_file=str((setup.run_dir / "splits.json").resolve()),
-    ).model_dump()
+    from training.publish import run_provenance
+
+    return run_provenance(setup.config, setup.run_dir, setup.splits)
 
 
 def _publish(setup: RunSetup, log: RunLog) -> VersionRef | None:
@@ -756,7 +750,6 @@ def _publish(setup: RunSetup, log: RunLog) -> VersionRef | None:
         config.publish_repo,
         config.publish_name,
         config.description,
-        extra={"data": _provenance(setup)},
         export=config.export,
         progress=config.progress,
         log=log,
