@@ -17,13 +17,17 @@ Contract of :class:`DynamicBatcher` (each clause has a test in tests/app/test_ba
 6. **Bounded queue.** At most ``max_queue`` items wait (items of a running batch no longer
    count). ``submit`` beyond that raises :class:`QueueFull` immediately, without awaiting.
    ``reserve(n)`` holds ``n`` slots all-or-nothing for a request that submits its items as
-   they become ready; slots it does not use go back on ``release()``.
+   they become ready; slots it does not use go back on ``release()``. ``grow(n)`` adds
+   ``n`` slots to a reservation, all or nothing (a request whose body reveals its items one
+   at a time holds a slot before reading and one more per item it finds).
 7. **Errors reach every caller.** If ``process`` raises, every caller in that batch gets
    that exception; if it returns a number of results other than the number of items,
    every caller gets a ``RuntimeError``. The batcher goes on serving later batches.
 8. **Cancellation is isolated.** A caller cancelled (or timed out) while waiting is taken
-   out of the queue and its item is never processed; one cancelled while its batch runs
-   simply does not receive the result. Other callers in the batch are unaffected.
+   out of the queue and its item is never processed, even when a batch is formed before
+   the cancellation's callbacks have run; one cancelled while its batch runs simply does
+   not receive the result. Other callers in the batch are unaffected. Cancelling the
+   futures is how the items of a client that went away are withdrawn.
 9. **Close.** After ``close()`` starts, ``submit`` raises :class:`BatcherClosed`. With
    ``drain=True`` (the default) items already waiting are processed without waiting for
    the delay; with ``drain=False`` they fail with :class:`BatcherClosed`. ``close()``
@@ -97,6 +101,13 @@ class Reservation:
     batcher: DynamicBatcher[Any, Any]
     remaining: int
     _released: bool = field(default=False, repr=False)
+
+    def grow(self, n: int) -> None:
+        """Hold ``n`` more slots, all or nothing; raise QueueFull or BatcherClosed."""
+        if self._released:
+            raise RuntimeError("grow() on a released reservation")
+        self.batcher._hold(n)
+        self.remaining += n
 
     def release(self) -> None:
         """Give back the slots not used by ``submit`` (idempotent)."""
@@ -216,13 +227,16 @@ class DynamicBatcher(Generic[T, R]):
     # -- submitting ---------------------------------------------------------------------
     def reserve(self, n: int) -> Reservation:
         """Hold ``n`` queue slots, all or nothing; raise QueueFull when they do not fit."""
+        self._hold(n)
+        return Reservation(self, n)
+
+    def _hold(self, n: int) -> None:
         if n < 1:
-            raise ValueError(f"reserve needs n >= 1, got {n}")
+            raise ValueError(f"a reservation needs n >= 1, got {n}")
         self._check_open()
         if self._waiting + self._reserved + n > self.max_queue:
             raise QueueFull(self._waiting + self._reserved, self.max_queue, n, self.retry_after_s())
         self._reserved += n
-        return Reservation(self, n)
 
     def submit(self, item: T, reservation: Reservation | None = None) -> asyncio.Future[R]:
         """Enqueue ``item`` and return the future of its result (clause 1, 6, 9)."""
@@ -265,8 +279,15 @@ class DynamicBatcher(Generic[T, R]):
                     pending.future.set_exception(exc)
 
     # -- collecting ---------------------------------------------------------------------
+    def _live(self, pending: _Pending[T, R]) -> bool:
+        # A future cancelled a moment ago still reads _WAITING until its done callback
+        # runs on a later loop iteration; drop it here so it is never processed.
+        if pending.state == _WAITING and pending.future.done():
+            self._on_done(pending)
+        return pending.state == _WAITING
+
     def _head(self) -> _Pending[T, R] | None:
-        while self._queue and self._queue[0].state != _WAITING:
+        while self._queue and not self._live(self._queue[0]):
             self._queue.popleft()
         return self._queue[0] if self._queue else None
 
@@ -274,7 +295,7 @@ class DynamicBatcher(Generic[T, R]):
         batch: list[_Pending[T, R]] = []
         while self._queue and len(batch) < self.max_batch_size:
             pending = self._queue.popleft()
-            if pending.state != _WAITING:
+            if not self._live(pending):
                 continue
             pending.state = _TAKEN
             self._waiting -= 1

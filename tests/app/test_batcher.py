@@ -203,6 +203,36 @@ def test_reserve_is_all_or_nothing_and_releases_unused_slots() -> None:
     run(main())
 
 
+def test_a_reservation_grows_all_or_nothing() -> None:
+    async def main() -> None:
+        gate = threading.Event()
+        rec = Recorder(gate=gate)
+        batcher = make(rec, max_batch_size=8, max_delay_s=10.0, max_queue=4)
+        batcher.submit(0)
+        reservation = batcher.reserve(1)
+        reservation.grow(1)
+        assert batcher.reserved == 2 and reservation.remaining == 2
+        with pytest.raises(QueueFull) as info:
+            reservation.grow(2)  # 1 waiting + 2 held + 2 > 4: nothing is taken
+        assert info.value.requested == 2 and info.value.waiting == 3
+        assert batcher.reserved == 2 and reservation.remaining == 2
+        reservation.grow(1)
+        assert not batcher.has_room(1)
+        for item in (1, 2, 3):
+            batcher.submit(item, reservation)
+        assert batcher.reserved == 0 and batcher.queue_depth == 4
+        reservation.release()
+        with pytest.raises(RuntimeError, match="released"):
+            reservation.grow(1)
+        gate.set()
+        await batcher.close()
+        assert [x for b in rec.batches for x in b] == [0, 1, 2, 3]
+        with pytest.raises(BatcherClosed):
+            batcher.reserve(1)
+
+    run(main())
+
+
 def test_an_exception_reaches_every_caller_of_the_batch_and_serving_goes_on() -> None:
     async def main() -> None:
         calls: list[list[int]] = []
@@ -249,6 +279,21 @@ def test_cancelling_a_waiting_caller_removes_its_item_only() -> None:
         assert batcher.queue_depth == 2
         assert await asyncio.gather(keep_a, keep_b) == [10, 30]
         assert rec.batches == [[1, 3]]
+        await batcher.close()
+
+    run(main())
+
+
+def test_an_item_cancelled_just_before_its_batch_forms_is_never_processed() -> None:
+    async def main() -> None:
+        rec = Recorder()
+        batcher = make(rec, max_batch_size=8, max_delay_s=0.0)
+        keep = batcher.submit(1)  # wakes the collector: it runs before the cancel callback
+        gone = batcher.submit(2)
+        gone.cancel()
+        assert await keep == 10
+        assert rec.batches == [[1]]
+        assert batcher.queue_depth == 0 and batcher.processed == 1
         await batcher.close()
 
     run(main())
