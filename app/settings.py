@@ -163,6 +163,21 @@ class Settings(BaseSettings):
         le=10_000,
         description="Most files in one request (413 beyond it).",
     )
+    max_upload_memory_bytes: int = Field(
+        default=256 * MiB,
+        ge=1024,
+        description=(
+            "Bytes of request bodies held in memory at once by one worker process. A request "
+            "holds its declared size before its body is read; one that does not fit gets "
+            "503 upload_memory_full at once. Must be at least max_request_bytes."
+        ),
+    )
+    body_timeout_s: float = Field(
+        default=60.0,
+        gt=0.0,
+        le=3600.0,
+        description="Longest a request body may take to arrive in full (408 beyond it).",
+    )
     max_image_pixels: int = Field(
         default=40_000_000,
         ge=64,
@@ -231,6 +246,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"max_file_bytes ({self.max_file_bytes}) exceeds max_request_bytes "
                 f"({self.max_request_bytes}): a file that large could never be uploaded"
+            )
+        if self.max_upload_memory_bytes < self.max_request_bytes:
+            raise ValueError(
+                f"max_upload_memory_bytes ({self.max_upload_memory_bytes}) is below "
+                f"max_request_bytes ({self.max_request_bytes}): a request that large could "
+                "never be read"
             )
         if self.max_queue_images < self.max_files_per_request:
             raise ValueError(
