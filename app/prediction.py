@@ -1,15 +1,18 @@
 """Prediction: resolve the version, read and decode the uploads, batch them, answer per file.
 
-The order keeps overload cheap: a version whose queue is full is refused before the body
-is read, and the request reserves room for all its files before any is decoded.
+The order keeps overload cheap: a request holds one queue slot and memory for its
+declared body *before* reading any of it (refused at once with 503 otherwise), and one
+more slot as each further file part begins, so a request that ends as 503 never uploads
+in full first. Files' bytes are given back as soon as they are decoded. A client that
+disconnects while its images wait has them withdrawn from the queue (never run).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -28,12 +31,21 @@ from app.schemas import (
     ImagePrediction,
     PredictResponse,
 )
-from app.uploads import UploadedFile, UploadLimits, read_files
+from app.uploads import (
+    ClientGone,
+    MemoryHold,
+    UploadedFile,
+    UploadLimits,
+    UploadMemory,
+    hold_body_memory,
+    read_files,
+)
 from wastenet.schema import Preprocessing
 
 # Per file, in upload order: why it was rejected, or its pending top-k (None only while
 # the file waits for its batch).
 Outcome = asyncio.Future[TopK] | ImageRejected | None
+T = TypeVar("T")
 Batcher = DynamicBatcher[InferenceItem, TopK]
 
 
@@ -46,7 +58,9 @@ class Predictor:
             max_request_bytes=settings.max_request_bytes,
             max_file_bytes=settings.max_file_bytes,
             max_files=settings.max_files_per_request,
+            body_timeout_s=settings.body_timeout_s,
         )
+        self.upload_memory = UploadMemory(settings.max_upload_memory_bytes)
 
     async def predict(
         self, request: Request, name: str | None, spec: str | None, top_k: int
@@ -90,19 +104,17 @@ class Predictor:
                 code="invalid_top_k",
                 details={"top_k": top_k, "num_classes": model.num_classes},
             )
-        if not batcher.has_room(1):
-            # Refuse before reading the body: overload costs us almost nothing.
-            raise overloaded(entry, batcher.retry_after_s())
-        files = await read_files(request, self._limits)
-        try:
-            reservation = batcher.reserve(len(files))
-        except QueueFull as exc:
-            raise overloaded(entry, exc.retry_after_s) from None
-        except BatcherClosed:
-            raise unloaded(entry) from None
-        outcomes = await self._classify(
-            entry, files, model.preprocessing, batcher, reservation, top_k
-        )
+        # Before reading the body: a queue slot, then memory for the declared body.
+        reservation = _slots(entry, batcher.reserve, 1)
+
+        def admit_file(count: int) -> None:
+            if count > 1:  # the first file has the slot held above
+                _slots(entry, reservation.grow, 1)
+
+        with reservation, hold_body_memory(request, self._limits, self.upload_memory) as memory:
+            files = await read_files(request, self._limits, memory=memory, on_file=admit_file)
+            work = _Work(files, batcher, reservation, memory, top_k)
+            outcomes = await self._classify(request, entry, work, model.preprocessing)
         try:
             predictions = file_results(files, outcomes, model.class_names)
         except BatcherClosed:
@@ -125,47 +137,52 @@ class Predictor:
         )
 
     async def _classify(
-        self,
-        entry: VersionEntry,
-        files: list[UploadedFile],
-        prep: Preprocessing,
-        batcher: Batcher,
-        reservation: Reservation,
-        top_k: int,
+        self, request: Request, entry: VersionEntry, work: _Work, prep: Preprocessing
     ) -> list[Outcome]:
-        """Decode in worker threads, run through the batcher; every outcome is settled."""
+        """Decode in worker threads, run through the batcher; every outcome is settled.
+
+        Waits for the images, for the client to disconnect (its images are then withdrawn
+        from the queue: the batcher never processes a cancelled item) or for the request
+        timeout, whichever comes first.
+        """
         loop = asyncio.get_running_loop()
         settings = self._lifecycle.settings
         max_pixels, draft = settings.max_image_pixels, settings.jpeg_draft
         pool = self._lifecycle.decode_pool
-        decodes = [
+        work.decodes = [
             loop.run_in_executor(pool, decode_image, f.data, f.filename, prep, max_pixels, draft)
-            for f in files
+            for f in work.files
         ]
-        outcomes: list[Outcome] = []
-        timeout_s = self._lifecycle.settings.request_timeout_s
+        timeout_s = settings.request_timeout_s
+        settling = loop.create_task(work.settle())
+        gone = loop.create_task(_client_gone(request))
         try:
-            async with asyncio.timeout(timeout_s):
-                with reservation:
-                    await _submit_in_batches(decodes, batcher, reservation, top_k, outcomes)
-                pending = [o for o in outcomes if isinstance(o, asyncio.Future)]
-                if pending:
-                    await asyncio.wait(pending)
-        except BatcherClosed:
-            _cancel(outcomes, decodes)
-            raise unloaded(entry) from None
-        except TimeoutError:
-            _cancel(outcomes, decodes)
-            raise Unavailable(
-                f"{entry.label} did not answer within {timeout_s:g} s "
-                "(WASTE_REQUEST_TIMEOUT_S); the service is overloaded",
-                code="timeout",
-                retry_after_s=batcher.retry_after_s(),
-            ) from None
-        except BaseException:
-            _cancel(outcomes, decodes)
-            raise
-        return outcomes
+            done, _ = await asyncio.wait(
+                (settling, gone), timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:  # also when this request is cancelled (server shutdown)
+            gone.cancel()
+            if not settling.done():
+                settling.cancel()
+                work.cancel()
+        if settling in done:
+            try:
+                settling.result()
+            except BatcherClosed:
+                work.cancel()
+                raise unloaded(entry) from None
+            except BaseException:
+                work.cancel()
+                raise
+            return work.outcomes
+        if gone in done:
+            raise ClientGone(f"the client disconnected while {entry.label} was busy")
+        raise Unavailable(
+            f"{entry.label} did not answer within {timeout_s:g} s "
+            "(WASTE_REQUEST_TIMEOUT_S); the service is overloaded",
+            code="timeout",
+            retry_after_s=work.batcher.retry_after_s(),
+        )
 
     def _count_images(self, entry: VersionEntry, n_files: int, n_rejected: int) -> None:
         labels = (entry.name, str(entry.version))
@@ -173,6 +190,58 @@ class Predictor:
             self._metrics.images.labels(*labels, "rejected").inc(n_rejected)
         if n_rejected < n_files:
             self._metrics.images.labels(*labels, "predicted").inc(n_files - n_rejected)
+
+
+class _Work:
+    """One request's images on their way through decoding and the batcher."""
+
+    def __init__(
+        self,
+        files: list[UploadedFile],
+        batcher: Batcher,
+        reservation: Reservation,
+        memory: MemoryHold,
+        top_k: int,
+    ) -> None:
+        self.files = files
+        self.batcher = batcher
+        self.reservation = reservation
+        self.memory = memory
+        self.top_k = top_k
+        self.decodes: list[asyncio.Future[DecodedImage]] = []
+        self.outcomes: list[Outcome] = []
+
+    async def settle(self) -> None:
+        with self.reservation:
+            await _submit_in_batches(
+                self.decodes, self.batcher, self.reservation, self.top_k, self.outcomes
+            )
+        # Every file is decoded: its bytes are no longer needed by anyone.
+        self.memory.release()
+        for upload in self.files:
+            upload.data = b""
+        pending = [o for o in self.outcomes if isinstance(o, asyncio.Future)]
+        if pending:
+            await asyncio.wait(pending)
+
+    def cancel(self) -> None:
+        _cancel(self.outcomes, self.decodes)
+
+
+def _slots(entry: VersionEntry, hold: Callable[[int], T], n: int) -> T:
+    """``batcher.reserve`` or ``reservation.grow``, with the errors as HTTP answers."""
+    try:
+        return hold(n)
+    except QueueFull as exc:
+        raise overloaded(entry, exc.retry_after_s) from None
+    except BatcherClosed:
+        raise unloaded(entry) from None
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has disconnected (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _submit_in_batches(
