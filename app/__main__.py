@@ -3,7 +3,8 @@
 Host, port, workers, keep-alive and graceful-shutdown timeouts come from the same
 settings as the service. On SIGTERM (or Ctrl-C) uvicorn stops accepting connections,
 lets in-flight requests finish within WASTE_GRACEFUL_SHUTDOWN_S, runs the app's shutdown
-(batchers drain) and exits 0.
+(batchers drain) and exits 0. With several workers the listening socket closes at once
+too, so new connections are refused (not reset) with any number of workers.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ import signal
 import sys
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors import Multiprocess
 
-from app.settings import SettingsError, describe_settings, load_settings
+from app.settings import Settings, SettingsError, describe_settings, load_settings
 
 
 def _return_after_shutdown() -> None:
@@ -31,6 +34,48 @@ def _return_after_shutdown() -> None:
     # handlers ignore that second delivery so main() returns 0.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor of worker processes, closing its copy of the listening socket.
+
+    The parent binds the socket and every worker inherits a copy. uvicorn's parent keeps
+    its copy open until all workers have exited; after SIGTERM the workers stop accepting,
+    but the kernel still completes the handshake of new connections into the backlog,
+    where they wait unanswered and are reset when the parent finally exits (clients get
+    ConnectionResetError; with one worker they get "connection refused", which they and
+    load balancers retry safely). Closing the parent's copy before the workers are told
+    to stop makes the socket go away with the workers' own copies, as with one worker.
+    """
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
+
+
+def serve(settings: Settings) -> int:
+    """Run uvicorn until it is stopped; the exit status of ``python -m app``."""
+    config = uvicorn.Config(
+        "app.main:create_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=settings.graceful_shutdown_s,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        loop="auto",
+        http="auto",
+    )
+    _return_after_shutdown()
+    if config.workers > 1:
+        _Supervisor(config, sockets=[config.bind_socket()]).run()
+        return 0
+    server = uvicorn.Server(config)
+    server.run()
+    return 0 if server.started else STARTUP_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,21 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("settings are valid")
         return 0
-    _return_after_shutdown()
-    uvicorn.run(
-        "app.main:create_app",
-        factory=True,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        timeout_keep_alive=settings.keep_alive_s,
-        timeout_graceful_shutdown=settings.graceful_shutdown_s,
-        log_level=settings.log_level,
-        access_log=settings.access_log,
-        loop="auto",
-        http="auto",
-    )
-    return 0
+    return serve(settings)
 
 
 if __name__ == "__main__":

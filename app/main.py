@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.errors import install_error_handlers
+from app.middleware import install_middleware
 from app.routes import router
 from app.service import Service
 from app.settings import Settings, load_settings
@@ -66,6 +67,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.service = service
     install_error_handlers(app)
+    install_middleware(app)
     app.include_router(router)
     app.include_router(v2_router)
     return app

@@ -1,7 +1,12 @@
-"""SIGTERM, as `docker stop` sends it: stop accepting, finish in-flight requests, exit 0."""
+"""SIGTERM, as `docker stop` sends it: stop accepting, finish in-flight requests, exit 0.
+
+New connections are refused (not reset) with one worker or several, and a request still
+running when the grace period ends gets the JSON error shape and 503.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.deploy.serving import DEFAULT_MODEL, free_port, png_bytes, stop, wait_ready
@@ -113,3 +119,88 @@ def test_sigterm_drains_the_in_flight_request_and_exits_0(
         assert "timeout graceful shutdown exceeded" not in output
     finally:
         stop(server)
+
+
+def probe(port: int) -> str:
+    """One new connection after SIGTERM: 'answered', 'refused', 'reset' or 'no answer'."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as conn:
+            conn.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            head = conn.recv(65536)
+    except ConnectionRefusedError:
+        return "refused"
+    except ConnectionResetError:
+        return "reset"
+    except TimeoutError:
+        return "no answer"
+    return "answered" if head.startswith(b"HTTP/1.1 200") else f"other {head[:60]!r}"
+
+
+def read_answer(conn: socket.socket) -> bytes:
+    answer = b""
+    while chunk := conn.recv(65536):
+        answer += chunk
+    return answer
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_after_sigterm_connections_are_refused_and_a_stalled_upload_gets_a_json_503(
+    workers: int, tiny_model_repo: Path, tmp_path: Path
+) -> None:
+    grace_s = 3
+    port = free_port()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path),
+        "LANG": "C.UTF-8",
+        "WASTE_PORT": str(port),
+        "WASTE_MODEL_DIR": str(tiny_model_repo),
+        "WASTE_BOOTSTRAP_DEMO": "false",
+        "WASTE_WORKERS": str(workers),
+        "WASTE_GRACEFUL_SHUTDOWN_S": str(grace_s),
+        "WASTE_BODY_TIMEOUT_S": "600",  # the upload below stalls until the grace runs out
+        "WASTE_TORCH_THREADS": "1",
+        "WASTE_DECODE_THREADS": "1",
+    }
+    log = tmp_path / "server.log"
+    with log.open("wb") as out:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    try:
+        wait_ready(f"http://127.0.0.1:{port}", server, log, timeout=120)
+        boundary = "stalledboundary"
+        body = (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; '
+            f'filename="a.png"\r\n\r\n'
+        ).encode() + png_bytes()
+        head = (
+            f"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len(body) + 100}"
+            f"\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+        ).encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=grace_s + 20) as stalled:
+            stalled.sendall(head + body)  # and never the rest
+            time.sleep(0.5)
+            server.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            outcomes = []
+            while time.monotonic() - signalled < 2.0:
+                outcomes.append(probe(port))
+                time.sleep(0.05)
+            answer = read_answer(stalled)
+        code = server.wait(timeout=grace_s + 30)
+        output = log.read_text()
+    finally:
+        stop(server)
+    # A connection that arrives the very instant the last listening socket closes can be
+    # reset (uvicorn, any number of workers); every other one is answered or refused.
+    failed = [o for o in outcomes if o != "answered" and o != "refused"]
+    assert len(failed) <= 1, outcomes
+    assert outcomes[-5:] == ["refused"] * 5, outcomes
+    status, _, payload = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 503"), answer[:300]
+    assert b"retry-after: 1" in status.lower()
+    error = json.loads(payload)["error"]
+    assert error["code"] == "shutting_down" and "WASTE_GRACEFUL_SHUTDOWN_S" in error["message"]
+    assert code == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
