@@ -10,6 +10,7 @@ disconnects while its images wait has them withdrawn from the queue (never run).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -46,6 +47,11 @@ from wastenet.schema import Preprocessing
 # the file waits for its batch).
 Outcome = asyncio.Future[TopK] | ImageRejected | None
 T = TypeVar("T")
+# The prediction routes (app.routes): /v1/predict, /v1/models/{name}/predict and
+# /v1/models/{name}/versions/{version}/predict.
+_PREDICT_PATH = re.compile(
+    r"/v1(?:/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?)?/predict"
+)
 Batcher = DynamicBatcher[InferenceItem, TopK]
 
 
@@ -93,6 +99,27 @@ class Predictor:
                 self._metrics.latency.labels(model_label, version_label).observe(
                     time.perf_counter() - started
                 )
+
+    def shed(self, path: str) -> Unavailable | None:
+        """The 503 for a prediction whose version's queue is full, decided from the path.
+
+        Runs before routing (app.middleware.ShedOverload), so a refusal costs almost
+        nothing. None means "let the route decide", also for every other error.
+        """
+        match = _PREDICT_PATH.fullmatch(path)
+        registry = self._lifecycle.registry
+        if match is None or registry is None:
+            return None
+        name = match["name"] or self._lifecycle.settings.default_model
+        try:
+            entry, served = registry.resolve(name, match["version"])
+        except ServiceError:
+            return None
+        batcher = served.batcher
+        if batcher.has_room(1):
+            return None
+        self._metrics.requests.labels(entry.name, str(entry.version), "503").inc()
+        return overloaded(entry, batcher.retry_after_s())
 
     async def _predict(
         self, request: Request, entry: VersionEntry, served: ServedVersion, top_k: int
