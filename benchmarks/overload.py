@@ -1,0 +1,358 @@
+"""Overload efficiency: how much of its capacity the service keeps serving at F x its load.
+
+The model is a randomly initialised ResNet-18-CBAM at ``--input-size`` px (64 by default:
+a cheap forward pass, so a request's cost is mostly HTTP, multipart and decoding, where a
+refusal is most likely to cost as much as a served request). Requests carry one JPEG
+pre-encoded at the model's resize size. Two parts (``--parts``):
+
+``cost``: what one answer costs, in CPU time, through the real HTTP stack. The app runs
+under uvicorn in this process (so ``time.process_time`` counts every server thread and
+nothing of the client, which is ``serve_client.py`` in its own process): CPU per 200
+with ``--clients`` closed-loop clients, then CPU per 503 with the version's queue held
+full and requests arriving at ``--reject-rate``. A CPU-bound service whose refusal costs
+r = CPU per 503 / CPU per 200 keeps (1 - F r) / (1 - r) of its capacity at F x load
+("goodput from CPU costs"). CPU time does not depend much on other work sharing the
+machine; rates do.
+
+``e2e``: ``python -m app`` in a subprocess, in ``--rounds`` rounds of: capacity
+(``--clients`` closed-loop clients), then open-loop arrivals at ``--factor`` x that
+capacity. Goodput is the rate of 200 answers; the 503s' latency says whether refusing
+stays fast; a thread probes ``/health/live`` every 50 ms meanwhile. SIGTERM at the end.
+
+    python benchmarks/overload.py                       # both parts, about 2 minutes
+    python benchmarks/overload.py --parts cost --duration 10
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as python -m app does
+
+import argparse
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without install
+
+import numpy as np
+import torch
+from PIL import Image
+
+from wastenet.artifacts import publish_version
+from wastenet.classes import CLASS_NAMES
+from wastenet.nets import ModelConfig, build_model
+from wastenet.schema import Preprocessing
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+MODEL = "waste-resnet18-cbam"
+
+
+def publish(repo: Path, input_size: int) -> Preprocessing:
+    torch.manual_seed(0)
+    config = ModelConfig(arch="resnet18", cbam="block")
+    prep = Preprocessing(resize_size=round(input_size * 256 / 224), input_size=input_size)
+    evaluation = {
+        "split": "none",
+        "num_samples": 0,
+        "accuracy": 0.0,
+        "macro_f1": 0.0,
+        "per_class_f1": dict.fromkeys(CLASS_NAMES, 0.0),
+    }
+    publish_version(
+        repo, MODEL, build_model(config), config, CLASS_NAMES, evaluation, prep,
+        description="randomly initialised, for benchmarks only",
+    )  # fmt: skip
+    return prep
+
+
+def jpegs(size: int, count: int, out: Path) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        pixels[: size // 2] //= 2  # some structure, so the images differ in more than noise
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+        path = out / f"img{i}.jpg"
+        path.write_bytes(buffer.getvalue())
+        paths.append(path)
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the service exited with {proc.returncode} before it was ready")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health/ready", timeout=2):
+                return
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.25)
+    raise RuntimeError("the service did not become ready in time")
+
+
+def client(port: int, images: list[Path], **options: Any) -> dict[str, Any]:
+    cmd = [sys.executable, str(HERE / "serve_client.py"), "--port", str(port), "--images"]
+    cmd += [str(p) for p in images]
+    for key, value in options.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def settings(repo: Path, args: argparse.Namespace) -> dict[str, str]:
+    return {
+        "WASTE_MODEL_DIR": str(repo),
+        "WASTE_DEFAULT_MODEL": MODEL,
+        "WASTE_BOOTSTRAP_DEMO": "0",
+        "WASTE_DEVICE": "cpu",
+        "WASTE_MAX_BATCH_SIZE": str(args.max_batch_size),
+        "WASTE_MAX_BATCH_DELAY_MS": str(args.max_batch_delay_ms),
+        "WASTE_MAX_QUEUE_IMAGES": str(args.max_queue_images),
+        "WASTE_MAX_FILES_PER_REQUEST": "1",
+        "WASTE_ACCESS_LOG": "0",
+        "WASTE_LOG_LEVEL": "warning",
+    }
+
+
+def ms(values: list[float], q: float) -> float | None:
+    return float(np.percentile(np.array(values) * 1000.0, q)) if values else None
+
+
+class LivenessProbe(threading.Thread):
+    """GET /health/live every ``interval`` s on a fresh connection; keeps the latencies."""
+
+    def __init__(self, port: int, interval: float = 0.05) -> None:
+        super().__init__(daemon=True)
+        self.url = f"http://127.0.0.1:{port}/health/live"
+        self.interval = interval
+        self.latencies: list[float] = []
+        self.failures = 0
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            started = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=10) as response:
+                    response.read()
+                self.latencies.append(time.perf_counter() - started)
+            except (urllib.error.URLError, OSError):
+                self.failures += 1
+
+
+def start_service(repo: Path, port: int, args: argparse.Namespace) -> subprocess.Popen[bytes]:
+    env = dict(os.environ) | settings(repo, args) | {"WASTE_PORT": str(port)}
+    return subprocess.Popen([sys.executable, "-m", "app"], cwd=ROOT, env=env)
+
+
+def stop(service: subprocess.Popen[bytes]) -> int:
+    service.send_signal(signal.SIGTERM)
+    try:
+        return service.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        service.kill()
+        return service.wait()
+
+
+# -- part 1: CPU per answer, the app in this process ------------------------------------
+class InProcess:
+    """The app under uvicorn on a thread of this process (uvloop and httptools, as ``python
+    -m app``), so that this process's CPU time is the server's."""
+
+    def __init__(self, repo: Path, args: argparse.Namespace) -> None:
+        import uvicorn
+
+        from app.main import create_app
+        from app.settings import load_settings
+
+        values = {k.removeprefix("WASTE_").lower(): v for k, v in settings(repo, args).items()}
+        self.app = create_app(load_settings(**values))
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = int(self.sock.getsockname()[1])
+        config = uvicorn.Config(self.app, log_level="warning", access_log=False)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, args=([self.sock],), daemon=True)
+
+    def __enter__(self) -> InProcess:
+        self.thread.start()
+        deadline = time.monotonic() + 180
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        wait_ready(self.port, None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(60)
+
+    def hold_queue_full(self) -> None:
+        """Hold every free slot of the default version's queue (on the server's loop)."""
+        registry = self.app.state.service.lifecycle.require_registry()
+        batcher = registry.resolve(MODEL, None)[1].batcher
+        held = threading.Event()
+
+        def hold() -> None:
+            batcher.reserve(batcher.max_queue - batcher.queue_depth - batcher.reserved)
+            held.set()
+
+        batcher._loop.call_soon_threadsafe(hold)
+        held.wait(10)
+
+    def answers(self) -> float:
+        """Prediction answers so far, any status (the app's own waste_requests_total)."""
+        families = self.app.state.service.metrics.registry.collect()
+        return sum(
+            sample.value
+            for family in families
+            for sample in family.samples
+            if sample.name == "waste_requests_total"
+        )
+
+    def loop_cpu_s(self) -> float:
+        """CPU seconds of the event-loop thread alone (Linux /proc)."""
+        stat = Path(f"/proc/self/task/{self.thread.native_id}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def cpu_per_answer(self, images: list[Path], **options: Any) -> dict[str, Any]:
+        answered, before, loop_before = self.answers(), time.process_time(), self.loop_cpu_s()
+        result = client(self.port, images, **options)
+        cpu, loop = time.process_time() - before, self.loop_cpu_s() - loop_before
+        count = self.answers() - answered
+        result["cpu_ms_per_answer"] = cpu / count * 1000
+        result["loop_cpu_ms_per_answer"] = loop / count * 1000
+        return result
+
+
+def cost_part(repo: Path, images: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    common = {"duration": args.duration, "warmup": args.warmup}
+    with InProcess(repo, args) as server:
+        print(f"cost: CPU per 200, {args.clients} closed-loop clients ...", flush=True)
+        served = server.cpu_per_answer(images, clients=args.clients, **common)
+        server.hold_queue_full()
+        print(f"cost: CPU per 503, {args.reject_rate:g} req/s at a full queue ...", flush=True)
+        refused = server.cpu_per_answer(
+            images, mode="open", rate=args.reject_rate, max_connections=2048, **common
+        )
+    f = args.factor
+    print(
+        f"\nanswers: {served['statuses']} at {served['requests_per_s']:.1f} req/s, then "
+        f"{refused['statuses']} (503 p50/p99 {ms(refused['other_latencies'], 50) or 0:.1f}/"
+        f"{ms(refused['other_latencies'], 99) or 0:.1f} ms)"
+    )
+    ratios = {}
+    for key, what in (("cpu", "all threads"), ("loop_cpu", "event-loop thread")):
+        per_ok = served[f"{key}_ms_per_answer"]
+        per_no = refused[f"{key}_ms_per_answer"]
+        ratio = ratios[key] = per_no / per_ok
+        print(
+            f"CPU ms per 200 / per 503, {what}: {per_ok:.3f} / {per_no:.3f} (r = {ratio:.3f}); "
+            f"goodput from CPU costs at {f:g}x load {max(0.0, (1 - f * ratio) / (1 - ratio)):.0%}"
+        )
+    return {"served": served, "refused": refused, "ratios": ratios}
+
+
+# -- part 2: end to end, python -m app in a subprocess ----------------------------------
+def e2e_round(port: int, images: list[Path], args: argparse.Namespace) -> dict[str, Any]:
+    common = {"duration": args.duration, "warmup": args.warmup}
+    capacity = client(port, images, clients=args.clients, **common)
+    rate = capacity["requests_per_s"] * args.factor
+    probe = LivenessProbe(port)
+    probe.start()
+    overload = client(port, images, mode="open", rate=rate, max_connections=2048, **common)
+    probe.stop.set()
+    probe.join()
+    overload["liveness_latencies"] = probe.latencies
+    good = overload["requests_per_s"] / capacity["requests_per_s"]
+    rejected = overload["other_latencies"]
+    print(
+        f"  capacity {capacity['requests_per_s']:.1f} req/s; at {rate:.1f} req/s offered: "
+        f"goodput {overload['requests_per_s']:.1f} req/s = {good:.0%}, {overload['statuses']} "
+        f"{overload['errors'] or ''}\n"
+        f"  200 p50/p99 {ms(overload['ok_latencies'], 50) or 0:.0f}/"
+        f"{ms(overload['ok_latencies'], 99) or 0:.0f} ms; 503 p50/p99/max "
+        f"{ms(rejected, 50) or 0:.1f}/{ms(rejected, 99) or 0:.1f}/{ms(rejected, 100) or 0:.1f}"
+        f" ms; /health/live p50/p99/max {ms(probe.latencies, 50) or 0:.1f}/"
+        f"{ms(probe.latencies, 99) or 0:.1f}/{ms(probe.latencies, 100) or 0:.1f} ms",
+        flush=True,
+    )
+    return {"capacity": capacity, "overload": overload, "goodput_ratio": good}
+
+
+def e2e_part(repo: Path, images: list[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+    port = free_port()
+    service = start_service(repo, port, args)
+    rounds = []
+    try:
+        wait_ready(port, service)
+        for index in range(args.rounds):
+            print(f"e2e round {index + 1}: capacity, then {args.factor:g}x ...", flush=True)
+            rounds.append(e2e_round(port, images, args))
+    finally:
+        code = stop(service)
+    ratios = sorted(r["goodput_ratio"] for r in rounds)
+    print(
+        f"\ngoodput / capacity per round: {', '.join(f'{r:.0%}' for r in ratios)} "
+        f"(median {ratios[len(ratios) // 2]:.0%}); service exit code after SIGTERM: {code}"
+    )
+    return rounds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 1)[1],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--parts", nargs="+", choices=["cost", "e2e"], default=["cost", "e2e"])
+    parser.add_argument("--input-size", type=int, default=64)
+    parser.add_argument("--clients", type=int, default=32, help="closed-loop clients")
+    parser.add_argument("--factor", type=float, default=4.0, help="offered load / capacity")
+    parser.add_argument("--reject-rate", type=float, default=600.0, help="cost part, req/s")
+    parser.add_argument("--rounds", type=int, default=2, help="e2e rounds")
+    parser.add_argument("--duration", type=float, default=10.0, help="measured s per phase")
+    parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured s per phase")
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--max-batch-delay-ms", type=float, default=5.0)
+    parser.add_argument("--max-queue-images", type=int, default=32)
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args()
+
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="overload-") as tmp_name:
+        tmp = Path(tmp_name)
+        prep = publish(tmp / "models", args.input_size)
+        images = jpegs(prep.resize_size, 8, tmp)
+        if "e2e" in args.parts:  # first: the in-process part leaves torch threads behind
+            results["e2e"] = e2e_part(tmp / "models", images, args)
+        if "cost" in args.parts:
+            results["cost"] = cost_part(tmp / "models", images, args)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
