@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from prometheus_client import Gauge
 from starlette.requests import Request
 
 from app.batcher import BatcherClosed, DynamicBatcher, QueueFull, Reservation
@@ -67,6 +68,11 @@ class Predictor:
             body_timeout_s=settings.body_timeout_s,
         )
         self.upload_memory = UploadMemory(settings.max_upload_memory_bytes)
+        Gauge(
+            "waste_upload_memory_bytes",
+            "Bytes of request bodies held in memory now (bound: WASTE_MAX_UPLOAD_MEMORY_BYTES).",
+            registry=metrics.registry,
+        ).set_function(lambda: self.upload_memory.in_use)
 
     async def predict(
         self, request: Request, name: str | None, spec: str | None, top_k: int

@@ -177,6 +177,7 @@ def test_a_stalled_upload_is_answered_408_and_gives_back_what_it_held(repo: Path
         with connect(port, timeout=10) as conn:
             started = time.monotonic()
             conn.sendall(post_head(len(body)) + body[: len(body) // 2])
+            wait_until(lambda: upload_memory(port) == len(body), 5, "the body's memory held")
             response = read_response(conn)
             elapsed = time.monotonic() - started
             assert conn.recv(1) == b""  # and the connection is closed
@@ -184,8 +185,17 @@ def test_a_stalled_upload_is_answered_408_and_gives_back_what_it_held(repo: Path
         assert response.json()["error"]["code"] == "body_timeout"
         assert "WASTE_BODY_TIMEOUT_S" in response.json()["error"]["message"]
         assert 0.5 <= elapsed < 5.0
-        assert service.predictor.upload_memory.in_use == 0
+        assert service.predictor.upload_memory.in_use == upload_memory(port) == 0
         assert batcher.reserved == 0
+
+
+def upload_memory(port: int) -> float:
+    """The waste_upload_memory_bytes gauge, as a scrape reads it."""
+    with connect(port) as conn:
+        conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        text = read_response(conn).body.decode()
+    line = next(x for x in text.splitlines() if x.startswith("waste_upload_memory_bytes "))
+    return float(line.split()[1])
 
 
 def test_images_of_clients_that_disconnected_are_never_run(repo: Path) -> None:
