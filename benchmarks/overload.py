@@ -14,12 +14,13 @@ r = CPU per 503 / CPU per 200 keeps (1 - F r) / (1 - r) of its capacity at F x l
 ("goodput from CPU costs"). CPU time does not depend much on other work sharing the
 machine; rates do.
 
-``e2e``: ``python -m app`` in a subprocess, in ``--rounds`` rounds of: capacity
-(``--clients`` closed-loop clients), then open-loop arrivals at ``--factor`` x that
-capacity. Goodput is the rate of 200 answers; the 503s' latency says whether refusing
+``e2e``: ``python -m app`` in a subprocess. Capacity runs (``--clients`` closed-loop
+clients) alternate with ``--rounds`` overload runs (open-loop arrivals at ``--factor`` x
+the capacity just measured); each overload run's goodput (200s per second) is compared
+with the mean capacity just before and after it. The 503s' latency says whether refusing
 stays fast; a thread probes ``/health/live`` every 50 ms meanwhile. SIGTERM at the end.
 
-    python benchmarks/overload.py                       # both parts, about 2 minutes
+    python benchmarks/overload.py                       # both parts, about 3 minutes
     python benchmarks/overload.py --parts cost --duration 10
 """
 
@@ -34,6 +35,7 @@ import io
 import json
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -49,6 +51,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without
 import numpy as np
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from wastenet.artifacts import publish_version
 from wastenet.classes import CLASS_NAMES
@@ -276,49 +279,101 @@ def cost_part(repo: Path, images: list[Path], args: argparse.Namespace) -> dict[
 
 
 # -- part 2: end to end, python -m app in a subprocess ----------------------------------
-def e2e_round(port: int, images: list[Path], args: argparse.Namespace) -> dict[str, Any]:
-    common = {"duration": args.duration, "warmup": args.warmup}
-    capacity = client(port, images, clients=args.clients, **common)
-    rate = capacity["requests_per_s"] * args.factor
-    probe = LivenessProbe(port)
-    probe.start()
-    overload = client(port, images, mode="open", rate=rate, max_connections=2048, **common)
-    probe.stop.set()
-    probe.join()
-    overload["liveness_latencies"] = probe.latencies
-    good = overload["requests_per_s"] / capacity["requests_per_s"]
-    rejected = overload["other_latencies"]
-    print(
-        f"  capacity {capacity['requests_per_s']:.1f} req/s; at {rate:.1f} req/s offered: "
-        f"goodput {overload['requests_per_s']:.1f} req/s = {good:.0%}, {overload['statuses']} "
-        f"{overload['errors'] or ''}\n"
-        f"  200 p50/p99 {ms(overload['ok_latencies'], 50) or 0:.0f}/"
-        f"{ms(overload['ok_latencies'], 99) or 0:.0f} ms; 503 p50/p99/max "
-        f"{ms(rejected, 50) or 0:.1f}/{ms(rejected, 99) or 0:.1f}/{ms(rejected, 100) or 0:.1f}"
-        f" ms; /health/live p50/p99/max {ms(probe.latencies, 50) or 0:.1f}/"
-        f"{ms(probe.latencies, 99) or 0:.1f}/{ms(probe.latencies, 100) or 0:.1f} ms",
-        flush=True,
-    )
-    return {"capacity": capacity, "overload": overload, "goodput_ratio": good}
+def batch_totals(port: int) -> tuple[float, float]:
+    """(images, batches) run so far, from the service's waste_batch_size histogram."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals = {"waste_batch_size_sum": 0.0, "waste_batch_size_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in totals:
+                totals[sample.name] += sample.value
+    return totals["waste_batch_size_sum"], totals["waste_batch_size_count"]
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measured(port: int, pid: int, images: list[Path], **options: Any) -> dict[str, Any]:
+    """One client run, with the service's CPU time and mean batch size meanwhile."""
+    images_before, batches_before = batch_totals(port)
+    cpu_before = process_cpu_s(pid)
+    result = client(port, images, **options)
+    result["server_cpu_s"] = process_cpu_s(pid) - cpu_before
+    result["warmup_s"] = options["warmup"]
+    images_after, batches_after = batch_totals(port)
+    batches = batches_after - batches_before
+    result["mean_batch"] = (images_after - images_before) / batches if batches else None
+    return result
 
 
 def e2e_part(repo: Path, images: list[Path], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Capacity, overload, capacity, overload, ..., capacity: each overload run is compared
+    with the mean of the capacity runs just before and after it (the machine drifts)."""
+    common = {"duration": args.duration, "warmup": args.warmup}
     port = free_port()
     service = start_service(repo, port, args)
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     try:
         wait_ready(port, service)
+        print("e2e: capacity ...", flush=True)
+        before = measured(port, service.pid, images, clients=args.clients, **common)
         for index in range(args.rounds):
-            print(f"e2e round {index + 1}: capacity, then {args.factor:g}x ...", flush=True)
-            rounds.append(e2e_round(port, images, args))
+            rate = before["requests_per_s"] * args.factor
+            print(f"e2e round {index + 1}: {rate:.1f} req/s offered, then capacity ...", flush=True)
+            probe = LivenessProbe(port)
+            probe.start()
+            overload = measured(
+                port, service.pid, images, mode="open", rate=rate, max_connections=2048, **common
+            )
+            probe.stop.set()
+            probe.join()
+            after = measured(port, service.pid, images, clients=args.clients, **common)
+            rounds.append(e2e_report(before, overload, after, probe.latencies))
+            before = after
     finally:
         code = stop(service)
-    ratios = sorted(r["goodput_ratio"] for r in rounds)
-    print(
-        f"\ngoodput / capacity per round: {', '.join(f'{r:.0%}' for r in ratios)} "
-        f"(median {ratios[len(ratios) // 2]:.0%}); service exit code after SIGTERM: {code}"
-    )
+    for key, what in (("goodput_ratio", "goodput / capacity"), ("cpu_efficiency", "per CPU")):
+        values = [r[key] for r in rounds]
+        listed = ", ".join(f"{v:.0%}" for v in values)
+        print(f"{what} per round: {listed} (median {statistics.median(values):.0%})")
+    print(f"service exit code after SIGTERM: {code}")
     return rounds
+
+
+def e2e_report(
+    before: dict[str, Any], overload: dict[str, Any], after: dict[str, Any], live: list[float]
+) -> dict[str, Any]:
+    capacity = (before["requests_per_s"] + after["requests_per_s"]) / 2
+    good = overload["requests_per_s"] / capacity
+    # 200s per CPU-second of the service, overload over capacity: the same efficiency,
+    # whatever share of a shared machine the service got in each run.
+    per_cpu = [r["total_ok_requests"] / r["server_cpu_s"] for r in (before, overload, after)]
+    efficiency = per_cpu[1] / ((per_cpu[0] + per_cpu[2]) / 2)
+    rejected, ok = overload["other_latencies"], overload["ok_latencies"]
+    print(
+        f"  capacity {before['requests_per_s']:.1f} / {after['requests_per_s']:.1f} req/s "
+        f"around it (batch {before['mean_batch']:.2f}); goodput {overload['requests_per_s']:.1f}"
+        f" req/s = {good:.0%} (batch {overload['mean_batch']:.2f}); {overload['statuses']} "
+        f"{overload['errors'] or ''}\n"
+        f"  200 p50/p99 {ms(ok, 50) or 0:.0f}/{ms(ok, 99) or 0:.0f} ms; 503 p50/p99/max "
+        f"{ms(rejected, 50) or 0:.1f}/{ms(rejected, 99) or 0:.1f}/{ms(rejected, 100) or 0:.1f}"
+        f" ms; /health/live p50/p99/max {ms(live, 50) or 0:.1f}/{ms(live, 99) or 0:.1f}/"
+        f"{ms(live, 100) or 0:.1f} ms\n"
+        f"  200s per service CPU-second: {per_cpu[1]:.1f} under overload, {per_cpu[0]:.1f} / "
+        f"{per_cpu[2]:.1f} at capacity: {efficiency:.0%}",
+        flush=True,
+    )
+    overload["liveness_latencies"] = live
+    return {
+        "capacity": capacity,
+        "overload": overload,
+        "goodput_ratio": good,
+        "cpu_efficiency": efficiency,
+    }
 
 
 def main() -> None:
@@ -332,7 +387,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=32, help="closed-loop clients")
     parser.add_argument("--factor", type=float, default=4.0, help="offered load / capacity")
     parser.add_argument("--reject-rate", type=float, default=600.0, help="cost part, req/s")
-    parser.add_argument("--rounds", type=int, default=2, help="e2e rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="e2e overload runs")
     parser.add_argument("--duration", type=float, default=10.0, help="measured s per phase")
     parser.add_argument("--warmup", type=float, default=3.0, help="unmeasured s per phase")
     parser.add_argument("--max-batch-size", type=int, default=8)
