@@ -72,7 +72,7 @@ class UploadMemory:
             raise ValueError(f"the upload memory limit must be >= 1 byte, got {limit}")
         self.limit = limit
         self.in_use = 0
-        self.peak = 0  # highest in_use so far (tests and the metrics read it)
+        self.peak = 0  # highest in_use so far
 
     def hold(self, nbytes: int) -> MemoryHold:
         """Hold ``nbytes`` for a body about to be read, or raise 503 upload_memory_full."""
