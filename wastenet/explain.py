@@ -34,6 +34,7 @@ class Explanation:
       speaks for the class).
     - ``attention``: the spatial gate Ms of the network's last CBAM, as the gate values
       (0..1, not rescaled); None for a network without CBAM.
+    - ``probabilities``: softmax over every class, float32 (the same forward pass).
     """
 
     class_index: int
@@ -41,6 +42,7 @@ class Explanation:
     predicted_index: int
     cam: np.ndarray
     attention: np.ndarray | None
+    probabilities: np.ndarray | None = None
 
 
 def _last_cbam(model: nn.Module) -> CBAM | None:
@@ -116,6 +118,7 @@ def explain(
     weights = grads.mean(dim=(2, 3), keepdim=True)
     cams = _scaled(torch.relu((weights * features).sum(dim=1)))
     probs = logits.detach().float().softmax(dim=1)
+    all_probs = probs.cpu().numpy()
     attention = seen.get("attention")
     return [
         Explanation(
@@ -124,6 +127,7 @@ def explain(
             predicted_index=int(probs[i].argmax()),
             cam=cams[i],
             attention=None if attention is None else attention[i, 0].float().cpu().numpy(),
+            probabilities=all_probs[i],
         )
         for i in range(len(images))
     ]
