@@ -72,6 +72,12 @@ class Metrics:
             ["model", "version", "outcome"],
             registry=self.registry,
         )
+        self.uncertain = Counter(
+            "waste_uncertain_images",
+            "Predicted images answered 'uncertain' (top probability below min_confidence).",
+            ["model", "version"],
+            registry=self.registry,
+        )
         # (monotonic end time, images) of recent batches, per (model, version)
         self._recent_by_version: dict[tuple[str, str], deque[tuple[float, int]]] = {}
 

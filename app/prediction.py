@@ -26,6 +26,7 @@ from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.registry import ServedVersion, VersionEntry
 from app.schemas import (
+    UNCERTAIN,
     ClassScore,
     FileError,
     FileResult,
@@ -75,10 +76,21 @@ class Predictor:
         ).set_function(lambda: self.upload_memory.in_use)
 
     async def predict(
-        self, request: Request, name: str | None, spec: str | None, top_k: int
+        self,
+        request: Request,
+        name: str | None,
+        spec: str | None,
+        top_k: int,
+        min_confidence: float | None = None,
     ) -> PredictResponse:
-        """Classify the request's uploads with a model (default: WASTE_DEFAULT_MODEL)."""
+        """Classify the request's uploads with a model (default: WASTE_DEFAULT_MODEL).
+
+        Images whose top probability is below ``min_confidence`` (default:
+        WASTE_MIN_CONFIDENCE) are answered 'uncertain'.
+        """
         started = time.perf_counter()
+        if min_confidence is None:
+            min_confidence = self._lifecycle.settings.min_confidence
         lifecycle = self._lifecycle
         registry = lifecycle.require_registry()
         name = name or lifecycle.settings.default_model
@@ -93,7 +105,7 @@ class Predictor:
                 )
             entry, served = registry.resolve(name, spec)
             version_label = str(entry.version)
-            result = await self._predict(request, entry, served, top_k)
+            result = await self._predict(request, entry, served, top_k, min_confidence)
             status = 200
             return result
         except ServiceError as exc:
@@ -128,7 +140,12 @@ class Predictor:
         return overloaded(entry, batcher.retry_after_s())
 
     async def _predict(
-        self, request: Request, entry: VersionEntry, served: ServedVersion, top_k: int
+        self,
+        request: Request,
+        entry: VersionEntry,
+        served: ServedVersion,
+        top_k: int,
+        min_confidence: float,
     ) -> PredictResponse:
         model, batcher = served.model, served.batcher
         if top_k > model.num_classes:
@@ -149,7 +166,7 @@ class Predictor:
             work = _Work(files, batcher, reservation, memory, top_k)
             outcomes = await self._classify(request, entry, work, model.preprocessing)
         try:
-            predictions = file_results(files, outcomes, model.class_names)
+            predictions = file_results(files, outcomes, model.class_names, min_confidence)
         except BatcherClosed:
             raise unloaded(entry) from None
         rejected = [
@@ -158,6 +175,7 @@ class Predictor:
             if isinstance(outcome, ImageRejected)
         ]
         self._count_images(entry, len(files), len(rejected))
+        self._count_uncertain(entry, predictions)
         if len(rejected) == len(files):
             raise no_usable_image(rejected)
         backend = model.backend
@@ -167,6 +185,7 @@ class Predictor:
             backend=backend.name,
             precision=backend.precision,
             predictions=predictions,
+            min_confidence=min_confidence,
         )
 
     async def _classify(
@@ -216,6 +235,11 @@ class Predictor:
             code="timeout",
             retry_after_s=work.batcher.retry_after_s(),
         )
+
+    def _count_uncertain(self, entry: VersionEntry, predictions: list[FileResult]) -> None:
+        uncertain = sum(isinstance(p, ImagePrediction) and p.uncertain for p in predictions)
+        if uncertain:
+            self._metrics.uncertain.labels(entry.name, str(entry.version)).inc(uncertain)
 
     def _count_images(self, entry: VersionEntry, n_files: int, n_rejected: int) -> None:
         labels = (entry.name, str(entry.version))
@@ -305,7 +329,10 @@ async def _submit_in_batches(
 
 
 def file_results(
-    files: Sequence[UploadedFile], outcomes: Sequence[Outcome], class_names: Sequence[str]
+    files: Sequence[UploadedFile],
+    outcomes: Sequence[Outcome],
+    class_names: Sequence[str],
+    min_confidence: float = 0.0,
 ) -> list[FileResult]:
     """One entry per file; re-raises a batch's failure (BatcherClosed when unloaded)."""
     results: list[FileResult] = []
@@ -315,18 +342,26 @@ def file_results(
             results.append(ImageFailure(filename=upload.filename, error=error))
             continue
         assert outcome is not None, "every decoded image is submitted"
-        results.append(image_prediction(upload.filename, outcome.result(), class_names))
+        results.append(
+            image_prediction(upload.filename, outcome.result(), class_names, min_confidence)
+        )
     return results
 
 
-def image_prediction(filename: str, top: TopK, class_names: Sequence[str]) -> ImagePrediction:
+def image_prediction(
+    filename: str, top: TopK, class_names: Sequence[str], min_confidence: float = 0.0
+) -> ImagePrediction:
+    """The answer for one image; 'uncertain' (no class) when its top probability is below
+    ``min_confidence``, with the top-k still listed for whoever sorts it by hand."""
     scores = [ClassScore(label=class_names[i], class_index=i, confidence=p) for i, p in top]
     best = scores[0]
+    uncertain = best.confidence < min_confidence
     return ImagePrediction(
         filename=filename,
-        label=best.label,
-        class_index=best.class_index,
+        label=UNCERTAIN if uncertain else best.label,
+        class_index=None if uncertain else best.class_index,
         confidence=best.confidence,
+        uncertain=uncertain,
         top_k=scores,
     )
 

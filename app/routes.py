@@ -76,6 +76,16 @@ _MULTIPART_BODY: dict[str, Any] = {
     }
 }
 _PREDICT_ERRORS = error_responses(400, 404, 413, 415, 422, 503)
+MinConfidence = Annotated[
+    float | None,
+    Query(
+        ge=0.0,
+        le=1.0,
+        description="Images whose top probability is below this get label 'uncertain' "
+        "(class_index null, top_k still given), e.g. for manual sorting. Default: "
+        "WASTE_MIN_CONFIDENCE (0 unless set: never uncertain).",
+    ),
+]
 
 router = APIRouter()
 _bearer = HTTPBearer(auto_error=False, description="WASTE_ADMIN_TOKEN")
@@ -144,10 +154,15 @@ async def get_version(name: ModelName, version: VersionSpec, service: ServiceDep
     openapi_extra=_MULTIPART_BODY,
 )
 async def predict_version(
-    request: Request, name: ModelName, version: VersionSpec, service: ServiceDep, top_k: TopK = 3
+    request: Request,
+    name: ModelName,
+    version: VersionSpec,
+    service: ServiceDep,
+    top_k: TopK = 3,
+    min_confidence: MinConfidence = None,
 ) -> PredictResponse:
     """Classify the uploaded images with a named version (number, 'latest' or alias)."""
-    return await service.predictor.predict(request, name, version, top_k)
+    return await service.predictor.predict(request, name, version, top_k, min_confidence)
 
 
 @router.post(
@@ -158,10 +173,14 @@ async def predict_version(
     openapi_extra=_MULTIPART_BODY,
 )
 async def predict_model(
-    request: Request, name: ModelName, service: ServiceDep, top_k: TopK = 3
+    request: Request,
+    name: ModelName,
+    service: ServiceDep,
+    top_k: TopK = 3,
+    min_confidence: MinConfidence = None,
 ) -> PredictResponse:
     """Classify with the model's default version (alias 'production', else 'latest')."""
-    return await service.predictor.predict(request, name, None, top_k)
+    return await service.predictor.predict(request, name, None, top_k, min_confidence)
 
 
 @router.post(
@@ -172,10 +191,10 @@ async def predict_model(
     openapi_extra=_MULTIPART_BODY,
 )
 async def predict_default(
-    request: Request, service: ServiceDep, top_k: TopK = 3
+    request: Request, service: ServiceDep, top_k: TopK = 3, min_confidence: MinConfidence = None
 ) -> PredictResponse:
     """Classify with the service's default model (WASTE_DEFAULT_MODEL), default version."""
-    return await service.predictor.predict(request, None, None, top_k)
+    return await service.predictor.predict(request, None, None, top_k, min_confidence)
 
 
 # -- metrics -----------------------------------------------------------------------------

@@ -15,12 +15,23 @@ class ClassScore(BaseModel):
     confidence: float = Field(description="Softmax probability, 0..1.")
 
 
+UNCERTAIN = "uncertain"
+
+
 class ImagePrediction(BaseModel):
     status: Literal["ok"] = "ok"
     filename: str
-    label: str = Field(description="Most likely class.")
-    class_index: int
-    confidence: float
+    label: str = Field(
+        description="Most likely class, or 'uncertain' when its confidence is below "
+        "min_confidence (route the item to manual sorting; top_k still lists the classes)."
+    )
+    class_index: int | None = Field(
+        description="Index of the label in the model's class_names; null when uncertain."
+    )
+    confidence: float = Field(description="Probability of the most likely class, 0..1.")
+    uncertain: bool = Field(
+        default=False, description="True when confidence is below min_confidence."
+    )
     top_k: list[ClassScore] = Field(description="The top_k classes, most likely first.")
 
 
@@ -47,6 +58,10 @@ class PredictResponse(BaseModel):
     )
     predictions: list[FileResult] = Field(
         description="One entry per uploaded file, in upload order."
+    )
+    min_confidence: float = Field(
+        default=0.0,
+        description="The threshold applied: images below it are labelled 'uncertain'.",
     )
 
 
@@ -149,3 +164,4 @@ class ScanResult(BaseModel):
     ignored: list[IgnoredEntry] = Field(
         default_factory=list, description="Entries of the repository that are no model or version."
     )
+

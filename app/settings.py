@@ -187,6 +187,16 @@ class Settings(BaseSettings):
         ),
     )
 
+    # --- uncertain answers ---------------------------------------------------------------
+    min_confidence: float = Field(
+        default=0.0,
+        ge=0.0,
+        le=1.0,
+        description=(
+            "Default of predict's min_confidence: an image whose top probability is below it "
+            'is answered label "uncertain" (top-k still given). 0 = never uncertain.'
+        ),
+    )
     # --- HTTP server (python -m app) --------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 in containers.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
