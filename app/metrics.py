@@ -78,6 +78,19 @@ class Metrics:
             ["model", "version"],
             registry=self.registry,
         )
+        self.explain_requests = Counter(
+            "waste_explain_requests",
+            "Explanation requests by model, version and HTTP status.",
+            ["model", "version", "status"],
+            registry=self.registry,
+        )
+        self.explain_latency = Histogram(
+            "waste_explain_duration_seconds",
+            "Explanation request latency (body read to response), by model and version.",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         # (monotonic end time, images) of recent batches, per (model, version)
         self._recent_by_version: dict[tuple[str, str], deque[tuple[float, int]]] = {}
 

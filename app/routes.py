@@ -15,6 +15,7 @@ from pydantic import BeforeValidator
 from app.errors import BadRequest, Unprocessable, error_responses
 from app.schemas import (
     AliasUpdate,
+    ExplainResponse,
     Liveness,
     ModelInfo,
     ModelList,
@@ -84,6 +85,13 @@ MinConfidence = Annotated[
         description="Images whose top probability is below this get label 'uncertain' "
         "(class_index null, top_k still given), e.g. for manual sorting. Default: "
         "WASTE_MIN_CONFIDENCE (0 unless set: never uncertain).",
+    ),
+]
+Target = Annotated[
+    str | None,
+    Query(
+        description="Class name whose Grad-CAM to compute (e.g. 'metal'); default: each "
+        "image's predicted class."
     ),
 ]
 
@@ -195,6 +203,64 @@ async def predict_default(
 ) -> PredictResponse:
     """Classify with the service's default model (WASTE_DEFAULT_MODEL), default version."""
     return await service.predictor.predict(request, None, None, top_k, min_confidence)
+
+
+# -- explain -----------------------------------------------------------------------------
+_EXPLAIN_ERRORS = error_responses(400, 404, 413, 415, 422, 503)
+_EXPLAIN_NOTE = (
+    " Grad-CAM of the predicted (or the `target`) class and, for CBAM networks, the last "
+    "stage's spatial attention, each as a small array and a PNG overlay (base64). Computed "
+    "in fp32 torch outside the prediction batcher, at most WASTE_EXPLAIN_CONCURRENCY at "
+    "once with WASTE_EXPLAIN_QUEUE waiting; beyond that 503 explain_busy with Retry-After."
+)
+
+
+@router.post(
+    "/v1/models/{name}/versions/{version}/explain",
+    tags=["explain"],
+    response_model=ExplainResponse,
+    responses=_EXPLAIN_ERRORS,
+    openapi_extra=_MULTIPART_BODY,
+    description="Explain the uploaded images with a named version (number, 'latest' or "
+    "alias)." + _EXPLAIN_NOTE,
+)
+async def explain_version(
+    request: Request,
+    name: ModelName,
+    version: VersionSpec,
+    service: ServiceDep,
+    top_k: TopK = 3,
+    target: Target = None,
+) -> ExplainResponse:
+    return await service.explainer.explain(request, name, version, top_k, target)
+
+
+@router.post(
+    "/v1/models/{name}/explain",
+    tags=["explain"],
+    response_model=ExplainResponse,
+    responses=_EXPLAIN_ERRORS,
+    openapi_extra=_MULTIPART_BODY,
+    description="Explain with the model's default version." + _EXPLAIN_NOTE,
+)
+async def explain_model(
+    request: Request, name: ModelName, service: ServiceDep, top_k: TopK = 3, target: Target = None
+) -> ExplainResponse:
+    return await service.explainer.explain(request, name, None, top_k, target)
+
+
+@router.post(
+    "/v1/explain",
+    tags=["explain"],
+    response_model=ExplainResponse,
+    responses=_EXPLAIN_ERRORS,
+    openapi_extra=_MULTIPART_BODY,
+    description="Explain with the service's default model and its default version." + _EXPLAIN_NOTE,
+)
+async def explain_default(
+    request: Request, service: ServiceDep, top_k: TopK = 3, target: Target = None
+) -> ExplainResponse:
+    return await service.explainer.explain(request, None, None, top_k, target)
 
 
 # -- metrics -----------------------------------------------------------------------------

@@ -165,3 +165,51 @@ class ScanResult(BaseModel):
         default_factory=list, description="Entries of the repository that are no model or version."
     )
 
+
+# -- explanations ------------------------------------------------------------------------
+class Heatmap(BaseModel):
+    """Where the network looked, as a small array and as an image."""
+
+    height: int = Field(description="Rows of values (the last feature map's height).")
+    width: int = Field(description="Columns of values.")
+    values: list[list[float]] = Field(
+        description="Row 0 is the top of the network's input. Grad-CAM: 0..1 (1 = the "
+        "strongest evidence for the class). Attention: the spatial gate's values, 0..1."
+    )
+    overlay_png: str = Field(
+        description="Base64 PNG: the image as the network saw it (resized and centre-"
+        "cropped, input_size x input_size) with the heatmap stretched over it and coloured "
+        "blue (low) to red (high)."
+    )
+
+
+class ImageExplanation(BaseModel):
+    status: Literal["ok"] = "ok"
+    filename: str
+    label: str = Field(description="Most likely class (the explanation network's answer).")
+    class_index: int
+    confidence: float
+    top_k: list[ClassScore] = Field(description="The top_k classes, most likely first.")
+    target: ClassScore = Field(
+        description="The class Grad-CAM explains: the requested one, else the predicted one."
+    )
+    grad_cam: Heatmap = Field(description="Grad-CAM of the target class.")
+    attention: Heatmap | None = Field(
+        description="Spatial attention of the network's last CBAM; null without CBAM."
+    )
+    input_size: int = Field(description="Side of the network's input and of the overlays.")
+
+
+ExplainResult = Annotated[ImageExplanation | ImageFailure, Field(discriminator="status")]
+
+
+class ExplainResponse(BaseModel):
+    model: str = Field(description="The model that answered.")
+    version: int = Field(description="The version that answered.")
+    backend: Literal["torch"] = Field(
+        description="Explanations need gradients: always torch, whatever serves predict."
+    )
+    precision: Literal["fp32"] = Field(description="Explanations are computed in fp32.")
+    explanations: list[ExplainResult] = Field(
+        description="One entry per uploaded file, in upload order."
+    )

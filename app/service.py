@@ -6,6 +6,8 @@
 - :class:`~app.catalog.Catalog`: models, versions, aliases and model.json.
 - :class:`~app.admin.Admin`: the admin token, rescans, loading and aliases.
 - :class:`~app.prediction.Predictor`: uploads in, one answer per file out.
+- :class:`~app.explain.Explainer`: uploads in, Grad-CAM and attention maps out, on its
+  own bounded executor.
 - :class:`~app.v2.service.OpenInference`: the Open Inference Protocol (``/v2``), whose
   tensors go through :class:`~app.tensor_prediction.TensorPredictor` to the same batchers.
 
@@ -20,6 +22,7 @@ from starlette.requests import Request
 from app.admin import Admin
 from app.catalog import Catalog
 from app.errors import Unavailable
+from app.explain import Explainer
 from app.health import Health
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
@@ -39,6 +42,7 @@ class Service:
         self.catalog = Catalog(self.lifecycle)
         self.admin = Admin(self.lifecycle)
         self.predictor = Predictor(self.lifecycle, self.metrics)
+        self.explainer = Explainer(self.lifecycle, self.metrics)
         self.open_inference = OpenInference(
             self.lifecycle, self.metrics, self.health, TensorPredictor(self.lifecycle, self.metrics)
         )
@@ -48,6 +52,7 @@ class Service:
 
     async def stop(self) -> None:
         await self.lifecycle.stop()
+        self.explainer.close()
 
 
 async def service_from(request: Request) -> Service:

@@ -187,7 +187,7 @@ class Settings(BaseSettings):
         ),
     )
 
-    # --- uncertain answers ---------------------------------------------------------------
+    # --- uncertain answers and explanations -------------------------------------------
     min_confidence: float = Field(
         default=0.0,
         ge=0.0,
@@ -197,6 +197,46 @@ class Settings(BaseSettings):
             'is answered label "uncertain" (top-k still given). 0 = never uncertain.'
         ),
     )
+    explain_concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=16,
+        description="Explanation requests computed at once (each a forward and a backward pass).",
+    )
+    explain_queue: int = Field(
+        default=4,
+        ge=0,
+        le=1024,
+        description=(
+            "Explanation requests allowed to wait for a free slot; beyond it they get 503 "
+            "with Retry-After at once."
+        ),
+    )
+    explain_max_files: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Most images in one explanation request (413 beyond it).",
+    )
+    explain_threads: int = Field(
+        default=1,
+        ge=0,
+        le=512,
+        description=(
+            "CPU intra-op threads of each explanation (0 = as many as the forward pass). "
+            "Few, so that explanations leave the cores to predictions."
+        ),
+    )
+    explain_cache_versions: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description=(
+            "Versions whose fp32 torch network is kept for explanations when the version is "
+            "served by another backend or precision (each costs its weights' size in memory)."
+        ),
+    )
+
     # --- HTTP server (python -m app) --------------------------------------------------
     host: str = Field(default="127.0.0.1", description="Address to bind; 0.0.0.0 in containers.")
     port: int = Field(default=8000, ge=0, le=65535, description="TCP port to listen on.")
