@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         print("settings are valid")
         return 0
+    from app.ui import page_url
+
+    # The page answers at once; it shows start-up progress until the models are ready.
+    print(f"Browser page: {page_url(settings)}  (API docs: {page_url(settings)}docs)", flush=True)
     return serve(settings)
 
 

@@ -1,8 +1,9 @@
 """The FastAPI application: ``create_app()`` builds it from settings.
 
 Run it with ``python -m app`` (uvicorn with the server settings), or with any ASGI server
-as the factory ``app.main:create_app``. The OpenAPI document is at ``/openapi.json``
-and the interactive docs at ``/docs``.
+as the factory ``app.main:create_app``. The browser page is at ``/``, the OpenAPI document
+at ``/openapi.json`` and the interactive docs at ``/docs`` and ``/redoc`` (assets served
+from the install, see app/ui.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from app.middleware import install_middleware
 from app.routes import router
 from app.service import Service
 from app.settings import Settings, load_settings
+from app.ui import install_ui
 from app.v2.routes import router as v2_router
 
 DESCRIPTION = """\
@@ -28,10 +30,17 @@ Upload one or more images as multipart/form-data in the field `files`. Every res
 names the model and version that answered. Every error has the same JSON shape:
 `{"error": {"code", "message", "details"}}`.
 
+Predict takes `min_confidence`: an image whose top probability is below it is answered
+`label: "uncertain"` (top-k still given), so that a sorting line can send it to manual
+sorting. `explain` returns, per image, Grad-CAM of the predicted (or a `target`) class and
+the spatial attention of the last CBAM, as small arrays and PNG overlays. A browser page on
+both is served at `/`.
+
 The Open Inference Protocol (KServe V2) is served under `/v2`: health, metadata and
 inference on a BYTES tensor of encoded images or an FP32 tensor of normalised ones, with the
 binary tensor data and classification extensions. Its errors have the protocol's shape,
-`{"error": "message"}`.
+`{"error": "message"}`. It has no "uncertain" answer (the protocol's classification output
+is a class and its score): apply a threshold to the scores it returns.
 """
 
 
@@ -64,10 +73,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1",
         description=DESCRIPTION,
         lifespan=lifespan,
+        docs_url=None,  # served by app.ui from the install, not from a CDN
+        redoc_url=None,
     )
     app.state.service = service
     install_error_handlers(app)
     install_middleware(app)
     app.include_router(router)
     app.include_router(v2_router)
+    install_ui(app)
     return app
