@@ -101,12 +101,20 @@ function fillVersions() {
 
 // -- results ------------------------------------------------------------------------------
 
-function newCard(file) {
-  const card = $("result-template").content.firstElementChild.cloneNode(true);
-  card.querySelector(".thumb").src = URL.createObjectURL(file);
-  card.querySelector(".filename").textContent = file.name;
-  $("results").prepend(card);
-  return card;
+// One card per file; a request's cards stay in upload order, the newest request on top.
+function newCards(files) {
+  const batch = document.createElement("div");
+  batch.className = "batch";
+  $("results").prepend(batch);
+  return files.map((file) => {
+    const card = $("result-template").content.firstElementChild.cloneNode(true);
+    const thumb = card.querySelector(".thumb");
+    thumb.addEventListener("error", () => { thumb.hidden = true; });  // not an image
+    thumb.src = URL.createObjectURL(file);
+    card.querySelector(".filename").textContent = file.name;
+    batch.append(card);
+    return card;
+  });
 }
 
 function showCardError(card, message) {
@@ -158,7 +166,7 @@ async function classify(files) {
     showBanner("No model to ask yet: wait until the service has loaded one.");
     return;
   }
-  const cards = files.map(newCard);
+  const cards = newCards(files);
   const form = new FormData();
   for (const file of files) form.append("files", file, file.name);
   const url = modelPath(model, $("version").value) + "/predict" + query({
