@@ -24,9 +24,7 @@ def local_references(html: str) -> list[str]:
 
 
 @pytest.mark.parametrize("path", ["/", "/ui"])
-def test_the_page_and_its_assets_come_from_the_install(
-    make_client: MakeClient, path: str
-) -> None:
+def test_the_page_and_its_assets_come_from_the_install(make_client: MakeClient, path: str) -> None:
     client = make_client()
     page = client.get(path)
     assert page.status_code == 200
