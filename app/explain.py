@@ -7,7 +7,11 @@ prediction path:
 - Its own executor of ``WASTE_EXPLAIN_CONCURRENCY`` threads (default 1), never the
   batcher's inference thread, so an explanation does not hold up a batch.
 - Each of those threads runs torch with ``WASTE_EXPLAIN_THREADS`` intra-op threads
-  (default 1), so that on a CPU it takes one core and leaves the rest to predictions.
+  (default 1), so that on a CPU it takes one core and leaves the rest to predictions,
+  and computes at most ``WASTE_EXPLAIN_MAX_BUSY`` (default half) of the time: after an
+  explanation of t seconds it rests t * (1/share - 1) before starting the next one. So
+  explanations back to back take at most concurrency * share cores (default: half a core)
+  from predictions, whatever the load.
 - Admission: at most concurrency + ``WASTE_EXPLAIN_QUEUE`` requests are admitted (running
   or waiting); the next one gets 503 ``explain_busy`` with Retry-After at once, before its
   body is read. A slot is given back when its computation ends, not when a timed-out
@@ -130,6 +134,7 @@ class Explainer:
         self._mean_s = 1.0  # running mean of one computation, for Retry-After
         self._pool: ThreadPoolExecutor | None = None
         self.networks = ExplainNetworks(lifecycle.device, settings.explain_cache_versions)
+        self._pace = Pace(settings.explain_max_busy)
 
     # -- the bound ---------------------------------------------------------------------
     def has_room(self) -> bool:
@@ -280,6 +285,10 @@ class Explainer:
 
     # -- on an explain thread --------------------------------------------------------------
     def _compute(self, job: ExplainJob) -> list[ImageExplanation]:
+        with self._pace:
+            return self._explain_job(job)
+
+    def _explain_job(self, job: ExplainJob) -> list[ImageExplanation]:
         network = self.networks.get(job.entry, job.served)
         model = job.served.model
         batch = torch.from_numpy(np.stack(job.arrays)).permute(0, 3, 1, 2)
@@ -292,6 +301,28 @@ class Explainer:
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class Pace:
+    """Keeps each thread busy at most ``share`` of the time: entering waits out the rest
+    that the thread's previous computation earned (per thread, so threads do not queue
+    behind each other's rests)."""
+
+    def __init__(self, share: float) -> None:
+        assert 0.0 < share <= 1.0, "validated by Settings"
+        self.share = share
+        self._local = threading.local()
+
+    def __enter__(self) -> None:
+        wait = getattr(self._local, "ready_at", 0.0) - time.monotonic()
+        if wait > 0:
+            time.sleep(wait)
+        self._local.started = time.monotonic()
+
+    def __exit__(self, *_: object) -> None:
+        now = time.monotonic()
+        busy = now - self._local.started
+        self._local.ready_at = now + busy * (1.0 / self.share - 1.0)
 
 
 def start_explain_pool(concurrency: int, threads: int) -> ThreadPoolExecutor:

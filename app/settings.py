@@ -212,6 +212,16 @@ class Settings(BaseSettings):
             "with Retry-After at once."
         ),
     )
+    explain_max_busy: float = Field(
+        default=0.5,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Largest share of the time an explain thread computes: after an explanation of "
+            "t seconds it rests t * (1/share - 1) before the next. With the defaults, "
+            "explanations take at most half a core from predictions."
+        ),
+    )
     explain_max_files: int = Field(
         default=8,
         ge=1,

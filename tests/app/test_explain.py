@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import base64
 import io
+import itertools
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 
 import app.explain as explain_module
-from app.explain import start_explain_pool
+from app.explain import Pace, start_explain_pool
 from tests.app.conftest import (
     add_version,
     files,
@@ -397,3 +399,27 @@ def test_explain_is_documented_with_typed_bodies(start: Callable[..., TestClient
         assert {"413", "415", "422", "503"} <= set(operation["responses"])
     heatmap = spec["components"]["schemas"]["Heatmap"]["properties"]
     assert set(heatmap) == {"height", "width", "values", "overlay_png"}
+
+
+def test_pace_rests_each_thread_so_that_it_computes_at_most_its_share() -> None:
+    pace = Pace(0.25)
+    starts: list[float] = []
+    for _ in range(3):
+        with pace:
+            starts.append(time.monotonic())
+            time.sleep(0.05)
+    # 50 ms of work earns 150 ms of rest: each start is 200 ms after the previous one.
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    assert all(0.19 < gap < 0.35 for gap in gaps), gaps
+    # Another thread has its own budget: it starts at once.
+    other: list[float] = []
+    begun = time.monotonic()
+    thread = threading.Thread(target=lambda: other.append(_enter_at_once(pace)))
+    thread.start()
+    thread.join()
+    assert other[0] - begun < 0.05
+
+
+def _enter_at_once(pace: Pace) -> float:
+    with pace:
+        return time.monotonic()
