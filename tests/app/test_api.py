@@ -199,8 +199,10 @@ def test_multi_image_request_gives_per_file_results_and_errors(api: TestClient) 
         "label",
         "class_index",
         "confidence",
+        "uncertain",
         "top_k",
     }
+    assert predictions[0]["uncertain"] is False  # no min_confidence: never uncertain
     assert predictions[3]["error"]["code"] == "empty_file"
     assert "label" in predictions[4]
 
@@ -378,6 +380,9 @@ def test_openapi_documents_every_endpoint_parameter_and_error(api: TestClient) -
         ("/v1/models/{name}/versions/{version}/predict", "post"),
         ("/v1/models/{name}/predict", "post"),
         ("/v1/predict", "post"),
+        ("/v1/models/{name}/versions/{version}/explain", "post"),
+        ("/v1/models/{name}/explain", "post"),
+        ("/v1/explain", "post"),
         ("/metrics", "get"),
         ("/v1/admin/rescan", "post"),
         ("/v1/admin/models/{name}/versions/{version}/load", "post"),
@@ -390,7 +395,12 @@ def test_openapi_documents_every_endpoint_parameter_and_error(api: TestClient) -
     predict = paths["/v1/models/{name}/versions/{version}/predict"]["post"]
     body = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["properties"]["files"]["items"]["format"] == "binary"
-    assert {p["name"] for p in predict["parameters"]} == {"name", "version", "top_k"}
+    assert {p["name"] for p in predict["parameters"]} == {
+        "name",
+        "version",
+        "top_k",
+        "min_confidence",
+    }
     for status in ("400", "404", "413", "415", "422", "503"):
         schema = predict["responses"][status]["content"]["application/json"]["schema"]
         assert schema["$ref"].endswith("/ErrorResponse")
