@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 from concurrent.futures import ThreadPoolExecutor
 
 from app.bootstrap import Bootstrap, bootstrap_once, check_repository
@@ -31,6 +32,14 @@ def _freeze_heap() -> None:
     latency (benchmarks/overload.py). One collection first, so no garbage is kept."""
     gc.collect()
     gc.freeze()
+
+
+_ABSOLUTE_PATH = re.compile(r"(?<![\w.~])/(?:[^\s'\"/]+/)*([^\s'\"/]+)")
+
+
+def without_folders(message: str) -> str:
+    """``message`` with each absolute path cut to its last component."""
+    return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
 class Lifecycle:
@@ -124,7 +133,8 @@ class Lifecycle:
             self.started = True
             self.stage = "started"
         except Exception as exc:
-            self.startup_error = f"{type(exc).__name__}: {exc}"
+            # Public (readiness answers it): folder names only, the log has the full paths.
+            self.startup_error = without_folders(f"{type(exc).__name__}: {exc}")
             self.stage = "start-up failed"
             log.exception("start-up failed")
 

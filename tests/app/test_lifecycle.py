@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.lifecycle import without_folders
 from app.main import create_app
 from app.service import Service
 from tests.app.conftest import (
@@ -55,11 +56,18 @@ def test_empty_repository_without_bootstrap_starts_unready(tmp_path: Path) -> No
         assert client.get("/v1/models").json()["models"] == []
 
 
+def test_absolute_paths_are_cut_to_their_last_component() -> None:
+    message = "OSError: [Errno 13] Permission denied: '/srv/models/demo/1' (see /tmp/x.log)"
+    expected = "OSError: [Errno 13] Permission denied: '1' (see x.log)"
+    assert without_folders(message) == expected
+    assert without_folders("ratio 1/2 of a/b kept") == "ratio 1/2 of a/b kept"
+
+
 def test_a_failed_start_up_keeps_the_service_alive_unready_with_the_reason(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def bootstrap_demo(repo: Path, name: str, log: object) -> None:
-        raise OSError("No space left on device")
+        raise OSError(f"No space left on device: '{repo / name / '1' / 'weights.tmp'}'")
 
     demo = types.ModuleType("training.demo")
     demo.bootstrap_demo = bootstrap_demo  # type: ignore[attr-defined]
@@ -72,6 +80,9 @@ def test_a_failed_start_up_keeps_the_service_alive_unready_with_the_reason(
         assert client.get("/health/live").status_code == 200
         ready = client.get("/health/ready")
         assert_error(ready, 503, "not_ready", "start-up failed: OSError: No space left on device")
+        # The server's folders stay private; the file's name is enough to act on.
+        assert ready.json()["error"]["message"].endswith("device: 'weights.tmp'")
+        assert str(tmp_path) not in ready.text
         assert ready.headers["retry-after"] == "30"
         predict = client.post("/v1/predict", files=files(("a.jpg", image_bytes())))
         assert_error(predict, 503, "not_ready", "not ready: start-up failed")
