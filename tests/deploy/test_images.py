@@ -233,7 +233,7 @@ def answers(url: str) -> bool:
 
 def published_versions(workdir: Path) -> list[int]:
     folder = workdir / "models" / DEFAULT_MODEL
-    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isascii() and p.name.isdigit())
 
 
 def versions(base_url: str) -> list[dict[str, Any]]:
