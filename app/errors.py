@@ -191,12 +191,17 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, list[dict[str
     return text, problems
 
 
+def service_error_response(request: Request, exc: ServiceError) -> JSONResponse:
+    """The answer to ``exc`` in the shape the request's API speaks (/v1 or /v2)."""
+    return _respond(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Map every exception to the one JSON error shape."""
 
     @app.exception_handler(ServiceError)
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
-        return _respond(request, exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+        return service_error_response(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

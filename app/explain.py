@@ -59,7 +59,7 @@ from app.schemas import (
     ImageExplanation,
     ImageFailure,
 )
-from app.uploads import UploadedFile, UploadLimits, read_files
+from app.uploads import UploadedFile, UploadMemory, hold_body_memory, limits_from, read_files
 from wastenet.artifacts import load_version
 from wastenet.explain import Explanation, explain, overlay_png
 from wastenet.preprocess import normalize
@@ -120,15 +120,12 @@ class ExplainJob:
 class Explainer:
     """POST .../explain: resolve the version, read and decode the uploads, explain them."""
 
-    def __init__(self, lifecycle: Lifecycle, metrics: Metrics) -> None:
+    def __init__(self, lifecycle: Lifecycle, metrics: Metrics, memory: UploadMemory) -> None:
         self._lifecycle = lifecycle
         self._metrics = metrics
         settings = lifecycle.settings
-        self._limits = UploadLimits(
-            max_request_bytes=settings.max_request_bytes,
-            max_file_bytes=settings.max_file_bytes,
-            max_files=settings.max_files_per_request,
-        )
+        self._limits = limits_from(settings)
+        self._memory = memory  # shared with predict: one bound on all bodies held
         self.bound = settings.explain_concurrency + settings.explain_queue
         self.admitted = 0  # running or waiting; touched only on the event loop
         self._mean_s = 1.0  # running mean of one computation, for Retry-After
@@ -230,9 +227,10 @@ class Explainer:
         target_index = class_index(target, class_names, entry)
         if not self.has_room():
             raise self.busy()  # before the body is read: refusing costs almost nothing
-        files = await read_files(request, self._limits)
-        check_file_count(len(files), self._lifecycle.settings.explain_max_files)
-        decoded = await self._decode(files, served.model.preprocessing)
+        with hold_body_memory(request, self._limits, self._memory) as memory:
+            files = await read_files(request, self._limits, memory=memory)
+            check_file_count(len(files), self._lifecycle.settings.explain_max_files)
+            decoded = await self._decode(files, served.model.preprocessing)
         rejected = [
             (f.filename, d)
             for f, d in zip(files, decoded, strict=True)

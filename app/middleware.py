@@ -1,10 +1,10 @@
 """ASGI middleware around the routes: cheap load shedding, and answers for cancelled requests.
 
-- :class:`ShedOverload` refuses a prediction whose version's queue is full from its path
-  alone, before routing, parameter validation and dependencies: under overload most
-  requests are refused, and each refusal must cost far less than a served request
-  (FastAPI's routing and dependency solving alone cost about 120 µs of CPU per request;
-  ``benchmarks/overload.py`` measures the whole).
+- :class:`ShedOverload` refuses a prediction (/v1 predict, /v2 infer) whose version's
+  queue is full from its path alone, before routing, parameter validation and
+  dependencies: under overload most requests are refused, and each refusal must cost
+  far less than a served request (FastAPI's routing and dependency solving alone cost
+  about 120 µs of CPU per request; ``benchmarks/overload.py`` measures the whole).
 - :class:`AnswerCancelled`: when ``WASTE_GRACEFUL_SHUTDOWN_S`` runs out, uvicorn cancels
   the requests still running (a stalled upload, say); uvicorn would then answer a bare
   text 500 and log a ``CancelledError`` traceback. Such a request gets the JSON error
@@ -17,17 +17,16 @@ import asyncio
 import logging
 
 from fastapi import FastAPI
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import ServiceError, error_response
+from app.errors import ServiceError, service_error_response
 
 log = logging.getLogger("app")
 
 
 async def _answer(error: ServiceError, scope: Scope, receive: Receive, send: Send) -> None:
-    response = error_response(
-        error.status_code, error.code, error.message, error.details, error.headers
-    )
+    response = service_error_response(Request(scope), error)  # /v2 gets the protocol's shape
     await response(scope, receive, send)
 
 

@@ -38,9 +38,9 @@ from app.uploads import (
     ClientGone,
     MemoryHold,
     UploadedFile,
-    UploadLimits,
     UploadMemory,
     hold_body_memory,
+    limits_from,
     read_files,
 )
 from wastenet.schema import Preprocessing
@@ -51,8 +51,9 @@ Outcome = asyncio.Future[TopK] | ImageRejected | None
 T = TypeVar("T")
 # The prediction routes (app.routes): /v1/predict, /v1/models/{name}/predict and
 # /v1/models/{name}/versions/{version}/predict.
-_PREDICT_PATH = re.compile(
-    r"/v1(?:/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?)?/predict"
+_PREDICT_PATHS = (
+    re.compile(r"/v1(?:/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?)?/predict"),
+    re.compile(r"/v2/models/(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer"),
 )
 Batcher = DynamicBatcher[InferenceItem, TopK]
 
@@ -62,12 +63,7 @@ class Predictor:
         self._lifecycle = lifecycle
         self._metrics = metrics
         settings = lifecycle.settings
-        self._limits = UploadLimits(
-            max_request_bytes=settings.max_request_bytes,
-            max_file_bytes=settings.max_file_bytes,
-            max_files=settings.max_files_per_request,
-            body_timeout_s=settings.body_timeout_s,
-        )
+        self._limits = limits_from(settings)
         self.upload_memory = UploadMemory(settings.max_upload_memory_bytes)
         Gauge(
             "waste_upload_memory_bytes",
@@ -124,7 +120,7 @@ class Predictor:
         Runs before routing (app.middleware.ShedOverload), so a refusal costs almost
         nothing. None means "let the route decide", also for every other error.
         """
-        match = _PREDICT_PATH.fullmatch(path)
+        match = next(filter(None, (p.fullmatch(path) for p in _PREDICT_PATHS)), None)
         registry = self._lifecycle.registry
         if match is None or registry is None:
             return None

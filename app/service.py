@@ -42,9 +42,14 @@ class Service:
         self.catalog = Catalog(self.lifecycle)
         self.admin = Admin(self.lifecycle)
         self.predictor = Predictor(self.lifecycle, self.metrics)
-        self.explainer = Explainer(self.lifecycle, self.metrics)
+        memory = self.predictor.upload_memory  # one bound on the bodies of every route
+        self.explainer = Explainer(self.lifecycle, self.metrics, memory)
         self.open_inference = OpenInference(
-            self.lifecycle, self.metrics, self.health, TensorPredictor(self.lifecycle, self.metrics)
+            self.lifecycle,
+            self.metrics,
+            self.health,
+            TensorPredictor(self.lifecycle, self.metrics),
+            memory,
         )
 
     async def start(self) -> None:

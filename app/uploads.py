@@ -33,6 +33,7 @@ from app.errors import (
     Unprocessable,
     UnsupportedMediaType,
 )
+from app.settings import Settings
 
 FILES_FIELD = "files"
 # Longest header line of one part (python-multipart's own check). Content-Disposition
@@ -46,6 +47,16 @@ class UploadLimits:
     max_file_bytes: int
     max_files: int
     body_timeout_s: float = 60.0
+
+
+def limits_from(settings: Settings) -> UploadLimits:
+    """The upload limits of every route that reads a body (/v1 predict, explain, /v2 infer)."""
+    return UploadLimits(
+        max_request_bytes=settings.max_request_bytes,
+        max_file_bytes=settings.max_file_bytes,
+        max_files=settings.max_files_per_request,
+        body_timeout_s=settings.body_timeout_s,
+    )
 
 
 @dataclass
@@ -104,6 +115,15 @@ class MemoryHold:
         if nbytes > 0:
             self.memory._take(nbytes)
             self.nbytes += nbytes
+
+    def cover(self, received: int) -> None:
+        """Grow the hold to ``received`` bytes of body; refused: the rest is not wanted."""
+        if received > self.nbytes:
+            try:
+                self.grow(received - self.nbytes)
+            except Unavailable as exc:
+                exc.headers["Connection"] = "close"
+                raise
 
     def release(self) -> None:
         """Give the bytes back (idempotent)."""
@@ -306,13 +326,16 @@ def check_content_length(request: Request, limits: UploadLimits) -> int | None:
     return length
 
 
-def hold_body_memory(request: Request, limits: UploadLimits, memory: UploadMemory) -> MemoryHold:
+def hold_body_memory(
+    request: Request, limits: UploadLimits, memory: UploadMemory, *, multipart: bool = True
+) -> MemoryHold:
     """Check the headers, then hold memory for the declared body before reading any of it.
 
-    A chunked body (no Content-Length) holds nothing yet: :func:`read_files` grows the
-    hold by each chunk before keeping it.
+    A chunked body (no Content-Length) holds nothing yet: the reader grows the hold by
+    each chunk before keeping it (:meth:`MemoryHold.cover`).
     """
-    check_content_type(request)
+    if multipart:
+        check_content_type(request)
     return memory.hold(check_content_length(request, limits) or 0)
 
 
@@ -390,12 +413,8 @@ async def _feed(
                 limits.max_request_bytes,
                 "WASTE_MAX_REQUEST_BYTES",
             )
-        if memory is not None and received > memory.nbytes:
-            try:
-                memory.grow(received - memory.nbytes)
-            except Unavailable as exc:
-                exc.headers["Connection"] = "close"  # the rest of the body is not wanted
-                raise
+        if memory is not None:
+            memory.cover(received)
         if chunk:
             parser.write(chunk)
     parser.finalize()

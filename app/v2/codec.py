@@ -12,6 +12,7 @@ base64 string: an encoded image is not text, and JSON strings are.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import struct
@@ -26,7 +27,7 @@ from starlette.responses import Response
 
 from app.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from app.tensor_prediction import EncodedImages, NormalisedBatch
-from app.uploads import UploadLimits, check_content_length
+from app.uploads import ClientGone, MemoryHold, UploadLimits, body_timeout, check_content_length
 from app.v2.schemas import InferenceRequest, InferenceResponse, RequestInput, ResponseOutput
 
 IMAGES = "images"  # BYTES [N]: encoded image files
@@ -62,8 +63,12 @@ def _mib(n: int) -> str:
 
 
 # -- reading -----------------------------------------------------------------------------
-async def read_body(request: Request, limits: UploadLimits) -> bytearray:
-    """The whole body, refused (413) as soon as it is over the request limit.
+async def read_body(
+    request: Request, limits: UploadLimits, memory: MemoryHold | None = None
+) -> bytearray:
+    """The whole body, refused (413) as soon as it is over the request limit, (408) when
+    it does not arrive within ``limits.body_timeout_s``, and (503) when ``memory`` cannot
+    cover it.
 
     A bytearray: FP32 data is then used in place (a writable buffer), without a copy.
     """
@@ -74,25 +79,33 @@ async def read_body(request: Request, limits: UploadLimits) -> bytearray:
             code="unsupported_content_encoding",
         )
     check_content_length(request, limits)
+    try:
+        async with asyncio.timeout(limits.body_timeout_s):
+            chunks = await _chunks(request, limits, memory)
+    except TimeoutError:
+        raise body_timeout(limits.body_timeout_s) from None
+    except ClientDisconnect:
+        raise ClientGone("the client disconnected before the body was complete") from None
+    return bytearray().join(chunks)
+
+
+async def _chunks(request: Request, limits: UploadLimits, memory: MemoryHold | None) -> list[bytes]:
     chunks: list[bytes] = []
     received = 0
-    try:
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limits.max_request_bytes:
-                error = PayloadTooLarge(
-                    f"request body is over the limit of {_mib(limits.max_request_bytes)} "
-                    "(WASTE_MAX_REQUEST_BYTES)",
-                    code="request_too_large",
-                )
-                error.headers["Connection"] = "close"  # stop a client that keeps sending
-                raise error
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise BadRequest(
-            "the client disconnected before the body was complete", code="client_disconnected"
-        ) from None
-    return bytearray().join(chunks)
+    async for chunk in request.stream():
+        received += len(chunk)
+        if received > limits.max_request_bytes:
+            error = PayloadTooLarge(
+                f"request body is over the limit of {_mib(limits.max_request_bytes)} "
+                "(WASTE_MAX_REQUEST_BYTES)",
+                code="request_too_large",
+            )
+            error.headers["Connection"] = "close"  # stop a client that keeps sending
+            raise error
+        if memory is not None:
+            memory.cover(received)
+        chunks.append(chunk)
+    return chunks
 
 
 def parse_request(
@@ -132,9 +145,13 @@ def _split(
     view = memoryview(body)
     if header_length is None:
         return body, view[len(body) :]
-    if not header_length.strip().isdigit():
-        raise _bad(f"{HEADER_LENGTH} {header_length!r} is not a byte count", "bad_header_length")
-    size = int(header_length)
+    digits = header_length.strip()
+    # isdigit() alone admits '²' and other digits that int() refuses.
+    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
+        raise _bad(
+            f"{HEADER_LENGTH} {header_length[:40]!r} is not a byte count", "bad_header_length"
+        )
+    size = int(digits)
     if not 0 < size <= len(body):
         raise _bad(
             f"{HEADER_LENGTH} {size} does not fit the body of {len(body)} bytes",

@@ -20,9 +20,9 @@ from app.health import Health
 from app.lifecycle import Lifecycle
 from app.metrics import Metrics
 from app.prediction import overloaded
-from app.registry import ModelRegistry
+from app.registry import ModelRegistry, ServedVersion, VersionEntry
 from app.tensor_prediction import TensorPredictor
-from app.uploads import UploadLimits
+from app.uploads import UploadMemory, hold_body_memory, limits_from
 from app.v2 import codec
 from app.v2.schemas import (
     InferenceResponse,
@@ -48,18 +48,19 @@ def server_version() -> str:
 
 class OpenInference:
     def __init__(
-        self, lifecycle: Lifecycle, metrics: Metrics, health: Health, tensors: TensorPredictor
+        self,
+        lifecycle: Lifecycle,
+        metrics: Metrics,
+        health: Health,
+        tensors: TensorPredictor,
+        memory: UploadMemory,
     ) -> None:
         self._lifecycle = lifecycle
         self._metrics = metrics
         self._health = health
         self._tensors = tensors
-        settings = lifecycle.settings
-        self._limits = UploadLimits(
-            max_request_bytes=settings.max_request_bytes,
-            max_file_bytes=settings.max_file_bytes,
-            max_files=settings.max_files_per_request,
-        )
+        self._memory = memory
+        self._limits = limits_from(lifecycle.settings)
         self._metadata = ServerMetadataResponse(
             name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS
         )
@@ -124,30 +125,10 @@ class OpenInference:
             if not served.batcher.has_room(1):
                 # Refuse before reading the body: overload costs us almost nothing.
                 raise overloaded(entry, served.batcher.retry_after_s())
-            body = await codec.read_body(request, self._limits)
-            model = served.model
-            parse = functools.partial(
-                codec.parse_request,
-                body,
-                header_length,
-                model.preprocessing.input_size,
-                model.num_classes,
-                self._limits,
-            )
-            if len(body) <= PARSE_INLINE_BYTES:
-                parsed = parse()
-            else:  # e.g. 4 images as JSON FP32 (12 MB) take 130 ms: not on the event loop
-                pool = self._lifecycle.decode_pool
-                parsed = await asyncio.get_running_loop().run_in_executor(pool, parse)
-            probs = await self._tensors.probabilities(entry, served, parsed.batch)
-            response = InferenceResponse(
-                model_name=entry.name,
-                model_version=str(entry.version),
-                id=parsed.id,
-                parameters={"backend": model.backend.name, "precision": model.backend.precision},
-                outputs=[],
-            )
-            result = codec.answer(response, probs, model.class_names, parsed.output)
+            # The body is held (FP32 data is used in place) until the answer is encoded.
+            with hold_body_memory(request, self._limits, self._memory, multipart=False) as hold:
+                body = await codec.read_body(request, self._limits, hold)
+                result = await self._answer(body, entry, served, header_length)
             status = 200
             return result
         except ServiceError as exc:
@@ -159,6 +140,33 @@ class OpenInference:
                 self._metrics.latency.labels(model_label, version_label).observe(
                     time.perf_counter() - started
                 )
+
+    async def _answer(
+        self, body: bytearray, entry: VersionEntry, served: ServedVersion, header_length: str | None
+    ) -> codec.InferenceAnswer:
+        model = served.model
+        parse = functools.partial(
+            codec.parse_request,
+            body,
+            header_length,
+            model.preprocessing.input_size,
+            model.num_classes,
+            self._limits,
+        )
+        if len(body) <= PARSE_INLINE_BYTES:
+            parsed = parse()
+        else:  # e.g. 4 images as JSON FP32 (12 MB) take 130 ms: not on the event loop
+            pool = self._lifecycle.decode_pool
+            parsed = await asyncio.get_running_loop().run_in_executor(pool, parse)
+        probs = await self._tensors.probabilities(entry, served, parsed.batch)
+        response = InferenceResponse(
+            model_name=entry.name,
+            model_version=str(entry.version),
+            id=parsed.id,
+            parameters={"backend": model.backend.name, "precision": model.backend.precision},
+            outputs=[],
+        )
+        return codec.answer(response, probs, model.class_names, parsed.output)
 
     def _registry(self, name: str) -> ModelRegistry:
         """The registry, or 503 while start-up has not yet listed the models."""

@@ -222,3 +222,24 @@ def test_images_of_clients_that_disconnected_are_never_run(repo: Path) -> None:
             conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             metrics = read_response(conn).body.decode()
         assert f'waste_requests_total{{model="{MODEL}",status="499",version="2"}} 3.0' in metrics
+
+
+def test_explain_shares_the_upload_memory_bound_with_predict(repo: Path) -> None:
+    settings = {"max_upload_memory_bytes": MiB, "max_request_bytes": MiB, "max_file_bytes": MiB}
+    with serving(repo, **settings) as (port, service):
+        memory = service.predictor.upload_memory
+        body = multipart(("a.jpg", JPEG))
+        explain = f"/v1/models/{MODEL}/versions/2/explain"
+        with connect(port, timeout=10) as holder:
+            holder.sendall(post_head(MiB - 10) + b"--liveboundary")  # predict holds it, stalled
+            wait_until(lambda: memory.in_use == MiB - 10, 5, "the predict body's memory held")
+            with connect(port, timeout=10) as conn:
+                conn.sendall(post_head(len(body), explain))  # headers only: refused at once
+                response = read_response(conn)
+        assert response.status == 503
+        assert response.json()["error"]["code"] == "upload_memory_full"
+        wait_until(lambda: memory.in_use == 0, 5, "memory given back")
+        with connect(port, timeout=30) as conn:
+            conn.sendall(post_head(len(body), explain) + body)
+            assert read_response(conn).status == 200
+        assert memory.in_use == 0

@@ -220,6 +220,25 @@ BAD_REQUESTS: dict[str, tuple[dict[str, Any], tuple[bytes, ...], str | None, str
         "auto",
         "input 'input' holds NaN or infinite values",
     ),
+    # isdigit() is true for these, and int() raised on them: a 500 before.
+    "a superscript header length": (
+        {"inputs": [images_input(1, data=["eA=="])]},
+        (b"x",),
+        "\u00b2",
+        "Inference-Header-Content-Length '\u00b2' is not a byte count",
+    ),
+    "an Arabic-Indic header length": (
+        {"inputs": [images_input(1, data=["eA=="])]},
+        (b"x",),
+        "\u0661\u0662",
+        "is not a byte count",
+    ),
+    "a 5,000-digit header length": (
+        {"inputs": [images_input(1, data=["eA=="])]},
+        (b"x",),
+        "9" * 5000,
+        "Inference-Header-Content-Length '9999",
+    ),
     "output asked twice": (
         {
             "inputs": [images_input(1, data=["eA=="])],
