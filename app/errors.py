@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 log = logging.getLogger("app")
 
@@ -169,6 +170,7 @@ def _respond(
     return error_response(status_code, code, message, details, headers)
 
 
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",
@@ -215,15 +217,40 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}; see /docs"
-        elif exc.status_code == 405:
-            message = f"method {request.method} is not allowed on {request.url.path}"
         headers = dict(exc.headers) if exc.headers else None
+        if exc.status_code == 405:
+            message = f"method {request.method} is not allowed on {request.url.path}"
+            headers = {**(headers or {}), "Allow": _allowed_methods(request)}
         return _respond(request, exc.status_code, code, message, headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
         return _respond(request, 500, "internal_error", "internal error; see the service log")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route answers on this path. Starlette names only the methods of
+    the first route that matched the path, and admin routes share paths (PUT and DELETE)."""
+    scope = request.scope
+    allowed = {
+        method
+        for method in _METHODS
+        for route in request.app.router.routes
+        # A fresh scope: the request's carries the routing state of the route that failed.
+        if route.matches(
+            {
+                "type": "http",
+                "method": method,
+                "path": scope["path"],
+                "root_path": scope.get("root_path", ""),
+            }
+        )[0]
+        is Match.FULL
+    }
+    if "GET" in allowed:
+        allowed.add("HEAD")  # app.head.HeadAsGet answers it
+    return ", ".join(sorted(allowed))
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from app.errors import install_error_handlers
 from app.middleware import install_middleware
+from app.head import HeadAsGet
 from app.routes import router
 from app.service import Service
 from app.settings import Settings, load_settings
@@ -41,6 +42,8 @@ inference on a BYTES tensor of encoded images or an FP32 tensor of normalised on
 binary tensor data and classification extensions. Its errors have the protocol's shape,
 `{"error": "message"}`. It has no "uncertain" answer (the protocol's classification output
 is a class and its score): apply a threshold to the scores it returns.
+
+Every GET endpoint also answers HEAD: the same status and headers, without the body.
 """
 
 
@@ -82,4 +85,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(v2_router)
     install_ui(app)
+    app.add_middleware(HeadAsGet, router=app.router)
     return app
