@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from app.errors import install_error_handlers
-from app.middleware import install_middleware
 from app.head import HeadAsGet
+from app.middleware import install_middleware
 from app.routes import router
 from app.service import Service
 from app.settings import Settings, load_settings
