@@ -19,27 +19,81 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+
+from app.schemas import Answer
 
 log = logging.getLogger("app")
 
 
-class ErrorBody(BaseModel):
+class Problem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    field: str = Field(description="Where: 'query.top_k', 'path.version', 'body.version'.")
+    problem: str = Field(description="What is wrong with it.")
+
+
+class FileRejection(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    filename: str
+    code: str = Field(description="This file's error code, e.g. 'undecodable_image'.")
+    message: str
+    status: int = Field(description="The status this file alone would have had.")
+
+
+class ErrorDetails(BaseModel):
+    """Structured context of an error: each code sends the keys that apply to it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(default=None, description="The model the error is about.")
+    version: int | str | None = Field(
+        default=None,
+        description="The version: its number, or the request's text where that names no "
+        "number (an alias, or a malformed version, cut short).",
+    )
+    alias: str | None = Field(default=None, description="The alias the error is about.")
+    state: Literal["available", "loading", "ready", "failed"] | None = Field(
+        default=None, description="The version's state."
+    )
+    reason: str | None = Field(default=None, description="Why it failed or is unreadable.")
+    versions: dict[str, str] | None = Field(
+        default=None, description="Version number -> state, of every version of the model."
+    )
+    reasons: list[str] | None = Field(default=None, description="Why the service is not ready.")
+    limit: float | None = Field(
+        default=None, description="The limit that was exceeded (bytes, files, pixels, seconds)."
+    )
+    setting: str | None = Field(default=None, description="The setting that holds the limit.")
+    top_k: int | None = Field(default=None, description="The top_k asked for.")
+    num_classes: int | None = Field(default=None, description="The model's number of classes.")
+    target: str | None = Field(default=None, description="The class asked for (explain).")
+    classes: list[str] | None = Field(default=None, description="The model's class names.")
+    files: list[FileRejection] | None = Field(
+        default=None, description="Per file, why it could not be used (no_usable_image)."
+    )
+    problems: list[Problem] | None = Field(
+        default=None, description="Every invalid parameter (invalid_request)."
+    )
+
+
+class ErrorBody(Answer):
     code: str = Field(description="Machine-readable error code, e.g. 'unknown_model'.")
     message: str = Field(description="What was wrong, naming the field, file or limit.")
-    details: dict[str, Any] | None = Field(
+    details: ErrorDetails | None = Field(
         default=None, description="Structured context (per-file errors, limits, states)."
     )
 
 
-class ErrorResponse(BaseModel):
+class ErrorResponse(Answer):
     """The body of every error response."""
 
     error: ErrorBody
@@ -253,44 +307,99 @@ def _allowed_methods(request: Request) -> str:
     return ", ".join(sorted(allowed))
 
 
+# What each status means, naming every code it carries: the OpenAPI document's error
+# responses (generated clients and /docs show them) and the README's error table agree
+# with app/'s sources (tests/app/test_errors.py reads the codes from them).
+ERROR_STATUS_DOCS: dict[int, str] = {
+    400: "Malformed request: `malformed_multipart` (a truncated body, a missing boundary or "
+    "Content-Disposition), `bad_content_length`, `bad_request` (an admin request body that "
+    "is not UTF-8).",
+    401: "`unauthorized`: no bearer token. Carries WWW-Authenticate: Bearer.",
+    403: "`invalid_token`: not the admin token; `admin_disabled`: WASTE_ADMIN_TOKEN is unset.",
+    404: "`unknown_model`, `unknown_version` or `unknown_alias`.",
+    408: "`body_timeout`: the body did not arrive in full within WASTE_BODY_TIMEOUT_S.",
+    409: "The request conflicts with the repository's state: `repository_not_writable` (a "
+    "read-only repository), `nothing_to_serve` (the change would leave a model nothing to "
+    "serve) or `aliases_unreadable` (aliases.json cannot be read); ?force=true overrides the "
+    "last two.",
+    413: "Over a limit: `request_too_large`, `file_too_large`, `too_many_files`, "
+    "`image_too_large` (pixels, WASTE_MAX_IMAGE_PIXELS), `filename_too_long`, "
+    "`part_header_too_large`. details name the limit and its setting.",
+    415: "`unsupported_media_type`: not multipart/form-data; `unsupported_image_type`: a file "
+    "that is no supported image.",
+    422: "Invalid parameter or content: `invalid_request` (details.problems names each "
+    "parameter), `invalid_version` (no version number, 'latest' or alias name), "
+    "`invalid_alias`, `invalid_top_k`, `unknown_class`, `load_failed`, `no_files`, "
+    "`empty_file`, `undecodable_image`, `no_usable_image` (none of the files could be used; "
+    "details.files says why, per file).",
+    503: "The request may succeed later, after Retry-After seconds: `not_ready`, "
+    "`no_ready_version`, `version_loading`, `version_failed`, `version_not_loaded`, "
+    "`version_unloaded`, `alias_target_missing`, `aliases_unreadable`, `overloaded` (queue "
+    "full), `explain_busy`, `upload_memory_full` (WASTE_MAX_UPLOAD_MEMORY_BYTES held by "
+    "uploads in progress), `timeout`, `shutting_down`.",
+}
+# Codes no operation documents by status: the generic code of each status (where no
+# specific one applies), 405, 500 and 499 (never sent). Named in the document's description.
+GENERAL_ERRORS = (
+    "A method a path does not answer gets 405 `method_not_allowed` with an Allow header; an "
+    "unexpected failure 500 `internal_error`, without any trace. Where no more specific code "
+    "applies, an error carries its status's generic code: `bad_request`, `unauthorized`, "
+    "`forbidden`, `not_found`, `conflict`, `payload_too_large`, `unsupported_media_type`, "
+    "`unprocessable`, `unavailable`. A request whose client went away before its answer is "
+    "counted in the metrics as 499 `client_disconnected`, never sent."
+)
+_HEADERS: dict[int, dict[str, dict[str, Any]]] = {
+    401: {
+        "WWW-Authenticate": {
+            "description": "Bearer: the scheme the admin routes take.",
+            "required": True,
+            "schema": {"type": "string"},
+        }
+    },
+    503: {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying.",
+            "required": True,
+            "schema": {"type": "string", "pattern": "^[1-9][0-9]*$"},
+        }
+    },
+}
+
+
+def _documented(model: type[BaseModel], status: int, description: str) -> dict[str, Any]:
+    entry: dict[str, Any] = {"model": model, "description": description}
+    if status in _HEADERS:
+        entry["headers"] = _HEADERS[status]
+    return entry
+
+
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI ``responses=`` entries documenting the error shape for each status."""
-    descriptions = {
-        400: "Malformed request: a broken multipart body (malformed_multipart), or an admin "
-        "request body that is not UTF-8 (bad_request).",
-        401: "Missing bearer token.",
-        403: "Wrong bearer token, or admin disabled.",
-        404: "Unknown model, version or alias.",
-        409: "The request conflicts with the repository's state: a read-only repository "
-        "(repository_not_writable), a change that would leave a model nothing to serve "
-        "(nothing_to_serve) or an aliases.json that cannot be read (aliases_unreadable); "
-        "?force=true overrides the last two.",
-        413: "Upload over a limit (request bytes, file bytes, files per request, pixels).",
-        415: "Not multipart/form-data, or a file that is not a supported image.",
-        422: "Invalid parameter (invalid_request, invalid_version, ...), or no image in the "
-        "request could be decoded.",
-        503: "Not ready, version loading/failed/not loaded, queue full or timed out. "
-        "Carries Retry-After.",
-    }
+    """OpenAPI ``responses=`` entries documenting the error shape for each status.
+
+    Routes with parameters or a body list 422: FastAPI would otherwise document its own
+    HTTPValidationError there, a shape this service never sends.
+    """
     return {
-        status: {"model": ErrorResponse, "description": descriptions.get(status, "Error.")}
-        for status in statuses
+        status: _documented(ErrorResponse, status, ERROR_STATUS_DOCS[status]) for status in statuses
     }
+
+
+PROTOCOL_STATUS_DOCS: dict[int, str] = {
+    400: "Bad request: an invalid inference request or tensor (wrong name, datatype, shape "
+    "or size, undecodable image, binary data that does not add up, a malformed version or "
+    "Inference-Header-Content-Length).",
+    404: "Unknown model or version.",
+    413: "Over a limit (request bytes, bytes per image, images per request, pixels).",
+    415: "A compressed request body (Content-Encoding), which is not supported.",
+    503: "Not ready, version loading/failed/not loaded, queue full or timed out. "
+    "Carries Retry-After.",
+}
 
 
 def protocol_error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses=`` entries for /v2 routes: the protocol's error shape."""
-    descriptions = {
-        400: "Bad request: an invalid inference request or tensor (wrong name, datatype, "
-        "shape or size, undecodable image, binary data that does not add up).",
-        404: "Unknown model or version.",
-        413: "Over a limit (request bytes, bytes per image, images per request, pixels).",
-        415: "A compressed request body (Content-Encoding), which is not supported.",
-        503: "Not ready, version loading/failed/not loaded, queue full or timed out. "
-        "Carries Retry-After.",
-    }
     responses: dict[int | str, dict[str, Any]] = {
-        status: {"model": ProtocolErrorResponse, "description": descriptions.get(status, "Error.")}
+        status: _documented(ProtocolErrorResponse, status, PROTOCOL_STATUS_DOCS[status])
         for status in statuses
     }
     # Also stands in for FastAPI's generated 422: /v2 answers a request it cannot parse 400.

@@ -13,8 +13,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
-from app.errors import install_error_handlers
+from app.errors import GENERAL_ERRORS, install_error_handlers
 from app.head import HeadAsGet
 from app.middleware import install_middleware
 from app.routes import router
@@ -44,7 +45,19 @@ binary tensor data and classification extensions. Its errors have the protocol's
 is a class and its score): apply a threshold to the scores it returns.
 
 Every GET endpoint also answers HEAD: the same status and headers, without the body.
+
+Each operation's id is its short name (`list_models`, `predict_version`, `infer`, ...), the
+method name in a client generated from this document. Each error response names its
+codes.
 """
+DESCRIPTION += GENERAL_ERRORS + "\n"
+
+
+def _operation_id(route: APIRoute) -> str:
+    """The route function's name: FastAPI's default adds the path and method
+    ('predict_version_v1_models__name__versions__version__predict_post'), which becomes
+    the method name in a generated client."""
+    return route.name
 
 
 def _configure_logging(level: str) -> None:
@@ -78,6 +91,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         docs_url=None,  # served by app.ui from the install, not from a CDN
         redoc_url=None,
+        generate_unique_id_function=_operation_id,
     )
     app.state.service = service
     install_error_handlers(app)

@@ -10,10 +10,12 @@ from fastapi.responses import Response
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BeforeValidator
+from pydantic import BeforeValidator, WithJsonSchema
 
 from app.errors import BadRequest, Unprocessable, error_responses
 from app.schemas import (
+    VERSION_NUMBER_PATTERN,
+    VERSION_SPEC_PATTERN,
     AliasUpdate,
     ExplainResponse,
     Liveness,
@@ -26,15 +28,32 @@ from app.schemas import (
     VersionInfo,
 )
 from app.service import Service, service_from
-from wastenet.schema import ALIAS_RE, MAX_VERSION, RESERVED_ALIASES, VERSION_RULE, parse_version
+from wastenet.schema import (
+    ALIAS_RE,
+    MAX_VERSION,
+    MODEL_NAME_RE,
+    RESERVED_ALIASES,
+    VERSION_RULE,
+    parse_version,
+)
 
 ServiceDep = Annotated[Service, Depends(service_from)]
-ModelName = Annotated[str, Path(description="Model name, e.g. waste-resnet18-cbam.")]
+# The name, version and alias rules are documented as patterns, not enforced by FastAPI:
+# the registry answers a name or version that breaks them with its own precise code
+# (unknown_model, invalid_version, invalid_alias) rather than a generic invalid_request.
+ModelName = Annotated[
+    str,
+    Path(
+        description="Model name, e.g. waste-resnet18-cbam.",
+        json_schema_extra={"pattern": MODEL_NAME_RE.pattern},
+    ),
+]
 VersionSpec = Annotated[
     str,
     Path(
         description=f"A version number ({VERSION_RULE}), 'latest' (highest ready version) "
-        "or an alias."
+        "or an alias.",
+        json_schema_extra={"pattern": VERSION_SPEC_PATTERN},
     ),
 ]
 
@@ -46,10 +65,12 @@ def _version_text(value: object) -> object:
     return value
 
 
+# A number, but a path segment: documented as the same string type as VersionSpec.
 VersionNumber = Annotated[
     int,
     Path(ge=1, le=MAX_VERSION, description=f"A version number ({VERSION_RULE})."),
     BeforeValidator(_version_text),
+    WithJsonSchema({"type": "string", "pattern": VERSION_NUMBER_PATTERN}),
 ]
 TopK = Annotated[
     int, Query(ge=1, le=1000, description="How many classes to return per image (<= classes).")
@@ -76,7 +97,7 @@ _MULTIPART_BODY: dict[str, Any] = {
         },
     }
 }
-_PREDICT_ERRORS = error_responses(400, 404, 413, 415, 422, 503)
+_PREDICT_ERRORS = error_responses(400, 404, 408, 413, 415, 422, 503)
 MinConfidence = Annotated[
     float | None,
     Query(
@@ -118,7 +139,7 @@ async def ready(service: ServiceDep) -> Readiness:
     "/health/ready/{name}",
     tags=["health"],
     response_model=Readiness,
-    responses=error_responses(404, 503),
+    responses=error_responses(404, 422, 503),
 )
 async def ready_model(name: ModelName, service: ServiceDep) -> Readiness:
     """200 when this model's default version is loaded and warmed."""
@@ -136,7 +157,7 @@ async def list_models(service: ServiceDep) -> ModelList:
     "/v1/models/{name}",
     tags=["models"],
     response_model=ModelInfo,
-    responses=error_responses(404, 503),
+    responses=error_responses(404, 422, 503),
 )
 async def get_model(name: ModelName, service: ServiceDep) -> ModelInfo:
     return service.catalog.model(name)
@@ -146,7 +167,7 @@ async def get_model(name: ModelName, service: ServiceDep) -> ModelInfo:
     "/v1/models/{name}/versions/{version}",
     tags=["models"],
     response_model=VersionDetail,
-    responses=error_responses(404, 503),
+    responses=error_responses(404, 422, 503),
 )
 async def get_version(name: ModelName, version: VersionSpec, service: ServiceDep) -> VersionDetail:
     """State and model.json of one version: classes, architecture, preprocessing, evaluation."""
@@ -206,7 +227,7 @@ async def predict_default(
 
 
 # -- explain -----------------------------------------------------------------------------
-_EXPLAIN_ERRORS = error_responses(400, 404, 413, 415, 422, 503)
+_EXPLAIN_ERRORS = error_responses(400, 404, 408, 413, 415, 422, 503)
 _EXPLAIN_NOTE = (
     " Grad-CAM of the predicted (or the `target`) class and, for CBAM networks, the last "
     "stage's spatial attention, each as a small array and a PNG overlay (base64). Computed "
@@ -323,7 +344,7 @@ Force = Annotated[
     bool,
     Query(description="Do it even when it leaves the model's default nothing to serve."),
 ]
-_ADMIN_ERRORS = error_responses(401, 403, 404, 503)
+_ADMIN_ERRORS = error_responses(401, 403, 404, 422, 503)
 
 
 @admin_router.post(
@@ -363,7 +384,12 @@ async def unload_version(
 
 
 AliasName = Annotated[
-    str, Path(description="Alias name (a-z 0-9 _ -, not 'latest'), e.g. production.")
+    str,
+    Path(
+        description="Alias name (a-z 0-9 _ -, starting with a letter, not 'latest'), e.g. "
+        "production.",
+        json_schema_extra={"pattern": ALIAS_RE.pattern},
+    ),
 ]
 
 
@@ -386,7 +412,7 @@ async def set_alias(
     "/v1/admin/models/{name}/aliases/{alias}",
     tags=["admin"],
     response_model=ModelInfo,
-    responses=error_responses(401, 403, 404, 409, 503),
+    responses=error_responses(401, 403, 404, 409, 422, 503),
 )
 async def delete_alias(
     name: ModelName, alias: AliasName, service: AdminDep, force: Force = False

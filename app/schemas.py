@@ -4,12 +4,25 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from wastenet.schema import MAX_VERSION, ModelMetadata
+from wastenet.schema import ALIAS_RE, MAX_VERSION, VERSION_RE, ModelMetadata
+
+# The version rules as OpenAPI patterns (ECMA 262, anchored): a number, or also 'latest'
+# and alias names (which 'latest' matches) where a path segment may name a version so.
+VERSION_NUMBER_PATTERN = f"^{VERSION_RE.pattern}$"
+VERSION_SPEC_PATTERN = f"^(?:{VERSION_RE.pattern}|{ALIAS_RE.pattern.strip('^$')})$"
 
 
-class ClassScore(BaseModel):
+class Answer(BaseModel):
+    """A response body: every field is always sent (null where it has no value) and no
+    other, so the document marks every field required and a generated client needs no
+    'unset' case."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_serialization_defaults_required=True)
+
+
+class ClassScore(Answer):
     label: str = Field(description="Class name, e.g. 'brown_glass'.")
     class_index: int = Field(description="Index of the class in the model's class_names.")
     confidence: float = Field(description="Softmax probability, 0..1.")
@@ -18,7 +31,7 @@ class ClassScore(BaseModel):
 UNCERTAIN = "uncertain"
 
 
-class ImagePrediction(BaseModel):
+class ImagePrediction(Answer):
     status: Literal["ok"] = "ok"
     filename: str
     label: str = Field(
@@ -35,12 +48,12 @@ class ImagePrediction(BaseModel):
     top_k: list[ClassScore] = Field(description="The top_k classes, most likely first.")
 
 
-class FileError(BaseModel):
+class FileError(Answer):
     code: str = Field(description="Machine-readable error code, e.g. 'undecodable_image'.")
     message: str = Field(description="What was wrong with the file, naming it.")
 
 
-class ImageFailure(BaseModel):
+class ImageFailure(Answer):
     status: Literal["error"] = "error"
     filename: str
     error: FileError = Field(description="Why this file was not classified.")
@@ -49,7 +62,7 @@ class ImageFailure(BaseModel):
 FileResult = Annotated[ImagePrediction | ImageFailure, Field(discriminator="status")]
 
 
-class PredictResponse(BaseModel):
+class PredictResponse(Answer):
     model: str = Field(description="The model that answered.")
     version: int = Field(description="The version that answered.")
     backend: Literal["torch", "onnxruntime"] = Field(description="The backend that answered.")
@@ -65,7 +78,7 @@ class PredictResponse(BaseModel):
     )
 
 
-class VersionInfo(BaseModel):
+class VersionInfo(Answer):
     version: int
     state: Literal["available", "loading", "ready", "failed"] = Field(
         description="available: on disk, not loaded; loading; ready: serving; failed: see error."
@@ -91,7 +104,7 @@ class VersionInfo(BaseModel):
     )
 
 
-class ModelInfo(BaseModel):
+class ModelInfo(Answer):
     name: str
     default_version: int | None = Field(
         description="The version answering when none is named (null when none is ready)."
@@ -110,12 +123,12 @@ class ModelInfo(BaseModel):
     versions: list[VersionInfo]
 
 
-class IgnoredEntry(BaseModel):
+class IgnoredEntry(Answer):
     path: str = Field(description="Relative to the model repository, e.g. 'my-model/v2'.")
     reason: str = Field(description="Why it is neither a model nor a version.")
 
 
-class ModelList(BaseModel):
+class ModelList(Answer):
     default_model: str = Field(description="The model answering POST /v1/predict.")
     models: list[ModelInfo]
     ignored: list[IgnoredEntry] = Field(
@@ -133,11 +146,11 @@ class VersionDetail(VersionInfo):
     metadata_error: str | None = None
 
 
-class Liveness(BaseModel):
+class Liveness(Answer):
     status: Literal["alive"] = "alive"
 
 
-class Readiness(BaseModel):
+class Readiness(Answer):
     status: Literal["ready"] = "ready"
     models: dict[str, int | None] = Field(
         description="Model -> the default version serving it (null when it cannot answer)."
@@ -155,7 +168,7 @@ class AliasUpdate(BaseModel):
     )
 
 
-class ScanResult(BaseModel):
+class ScanResult(Answer):
     added: list[str]
     removed: list[str]
     loaded: list[str]
@@ -167,7 +180,7 @@ class ScanResult(BaseModel):
 
 
 # -- explanations ------------------------------------------------------------------------
-class Heatmap(BaseModel):
+class Heatmap(Answer):
     """Where the network looked, as a small array and as an image."""
 
     height: int = Field(description="Rows of values (the last feature map's height).")
@@ -183,7 +196,7 @@ class Heatmap(BaseModel):
     )
 
 
-class ImageExplanation(BaseModel):
+class ImageExplanation(Answer):
     status: Literal["ok"] = "ok"
     filename: str
     label: str = Field(description="Most likely class (the explanation network's answer).")
@@ -203,7 +216,7 @@ class ImageExplanation(BaseModel):
 ExplainResult = Annotated[ImageExplanation | ImageFailure, Field(discriminator="status")]
 
 
-class ExplainResponse(BaseModel):
+class ExplainResponse(Answer):
     model: str = Field(description="The model that answered.")
     version: int = Field(description="The version that answered.")
     backend: Literal["torch"] = Field(
