@@ -220,7 +220,10 @@ def _respond(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     if is_protocol_request(request):
-        return JSONResponse({"error": message}, status_code=status_code, headers=headers)
+        # The protocol answers a request it cannot use 400 (the registry's invalid_version
+        # is 422 on /v1), and /v2's document names no 422.
+        status = 400 if status_code == 422 else status_code
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
     return error_response(status_code, code, message, details, headers)
 
 
@@ -262,8 +265,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         text, problems = _validation_message(exc)
-        status = 400 if is_protocol_request(request) else 422
-        return _respond(request, status, "invalid_request", text, {"problems": problems})
+        return _respond(request, 422, "invalid_request", text, {"problems": problems})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
