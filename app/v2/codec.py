@@ -139,19 +139,21 @@ def _bad(message: str, code: str = "invalid_tensor") -> BadRequest:
     return BadRequest(message, code=code)
 
 
+MAX_HEADER_LENGTH_DIGITS = 15  # a byte count under a petabyte; longer cannot fit a body
+
+
 def _split(
     body: bytes | bytearray, header_length: str | None
 ) -> tuple[bytes | bytearray, memoryview]:
     view = memoryview(body)
     if header_length is None:
         return body, view[len(body) :]
-    digits = header_length.strip()
-    # isdigit() alone admits '²' and other digits that int() refuses.
-    if not (digits.isascii() and digits.isdigit() and len(digits) <= 18):
-        raise _bad(
-            f"{HEADER_LENGTH} {header_length[:40]!r} is not a byte count", "bad_header_length"
-        )
-    size = int(digits)
+    text = header_length.strip()
+    # ASCII digits only: str.isdigit() also takes '²' (which int() refuses) and '١'.
+    if not (text.isascii() and text.isdigit() and len(text) <= MAX_HEADER_LENGTH_DIGITS):
+        shown = header_length[:20] + ("..." if len(header_length) > 20 else "")
+        raise _bad(f"{HEADER_LENGTH} {shown!r} is not a byte count", "bad_header_length")
+    size = int(text)
     if not 0 < size <= len(body):
         raise _bad(
             f"{HEADER_LENGTH} {size} does not fit the body of {len(body)} bytes",

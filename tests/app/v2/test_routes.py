@@ -425,6 +425,20 @@ def test_a_compressed_body_gets_415(client: triton.InferenceServerClient) -> Non
     assert status == "415" and "Content-Encoding 'gzip' is not supported" in text
 
 
+def test_a_header_length_that_is_no_ascii_number_gets_400(server: LiveServer) -> None:
+    # b"\xb2" is '²' in latin-1: str.isdigit() took it and int() then failed with a 500.
+    body = b'{"inputs": []}'
+    for value in (b"\xb2", "١٤".encode(), b"9" * 5000):
+        response = httpx.post(
+            f"{server.base}/v2/models/{MODEL}/infer",
+            content=body,
+            headers=[(b"Inference-Header-Content-Length", value)],
+        )
+        assert response.status_code == 400, value
+        assert list(response.json()) == ["error"]
+        assert "is not a byte count" in response.json()["error"]
+
+
 def test_the_upload_limits_apply(make_server: Callable[..., LiveServer]) -> None:
     live = make_server(
         max_file_bytes=6000,
