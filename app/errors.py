@@ -55,10 +55,11 @@ class ErrorDetails(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(default=None, description="The model the error is about.")
-    version: int | str | None = Field(
+    version: int | None = Field(default=None, description="The version's number.")
+    requested: str | None = Field(
         default=None,
-        description="The version: its number, or the request's text where that names no "
-        "number (an alias, or a malformed version, cut short).",
+        description="The version as the request wrote it, where that names no number "
+        "(an alias, or a malformed version, cut short).",
     )
     alias: str | None = Field(default=None, description="The alias the error is about.")
     state: Literal["available", "loading", "ready", "failed"] | None = Field(

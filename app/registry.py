@@ -203,7 +203,7 @@ class ModelRegistry:
                     f"version {number} of model {name!r} not found (versions: "
                     f"{', '.join(map(str, sorted(model.versions)))})",
                     code="unknown_version",
-                    details={"model": name, "version": spec},
+                    details={"model": name, "version": number},
                 )
             return model, model.versions[number]
         if not ALIAS_RE.fullmatch(spec):
@@ -212,7 +212,7 @@ class ModelRegistry:
                 f"{shown!r} names no version of model {name!r}: use a version number "
                 f"({VERSION_RULE}), 'latest' or an alias",
                 code="invalid_version",
-                details={"model": name, "version": shown},
+                details={"model": name, "requested": shown},
             )
         if not model.aliases_read:
             raise self._default_unknown(model)
@@ -232,7 +232,7 @@ class ModelRegistry:
             f"version {spec!r} of model {name!r} not found: use a version number, 'latest' "
             f"or an alias (aliases: {aliases})",
             code="unknown_version",
-            details={"model": name, "version": spec},
+            details={"model": name, "requested": spec},
         )
 
     def _latest(self, model: ModelEntry) -> VersionEntry:
@@ -425,7 +425,7 @@ class ModelRegistry:
                 f"version {version} of model {name!r} not found (versions: "
                 f"{', '.join(map(str, sorted(model.versions)))})",
                 code="unknown_version",
-                details={"model": name, "version": str(version)},
+                details={"model": name, "version": version},
             )
         if entry.state is VersionState.FAILED:
             entry.state, entry.error = VersionState.AVAILABLE, None  # an explicit retry
@@ -444,7 +444,7 @@ class ModelRegistry:
             raise NotFound(
                 f"version {version} of model {name!r} not found",
                 code="unknown_version",
-                details={"model": name, "version": str(version)},
+                details={"model": name, "version": version},
             )
         if entry.load_task is not None and not entry.load_task.done():
             await asyncio.shield(entry.load_task)
@@ -634,7 +634,7 @@ def _check_alias_target(model: ModelEntry, alias: str, version: int | None) -> N
             f"version {version} of model {model.name!r} not found (versions: "
             f"{', '.join(map(str, sorted(model.versions)))})",
             code="unknown_version",
-            details={"model": model.name, "version": str(version)},
+            details={"model": model.name, "version": version},
         )
     if version is None and alias not in model.aliases:
         raise NotFound(

@@ -112,7 +112,9 @@ def test_the_client_reads_typed_errors(client_package: ModuleType, server: LiveS
     assert isinstance(error, models.ErrorResponse)
     assert error.error.code == "invalid_version" and "names no version" in error.error.message
     assert isinstance(error.error.details, models.ErrorDetails)
-    assert (error.error.details.model, error.error.details.version) == (MODEL, "01")
+    details = error.error.details
+    assert (details.model, details.requested) == (MODEL, "01")
+    assert isinstance(details.version, client_package.types.Unset)  # not sent
 
     predict = module(client_package, "api.predict.predict_model")
     body = models.PredictModelBody(

@@ -191,3 +191,21 @@ def test_a_version_is_ascii_digits_without_a_leading_zero_everywhere(
     assert_error(client.get(f"/v1/models/{MODEL}/versions/999999999"), 404, "unknown_version")
     assert_error(client.get(f"/v1/models/{MODEL}/versions/v1"), 404, "unknown_version")
     assert client.get(f"/v1/models/{MODEL}/versions/1").json()["version"] == 1
+
+
+def test_error_details_carry_a_version_number_as_an_int_and_other_text_as_requested(
+    repo: Path, make_client: MakeClient
+) -> None:
+    client = make_client(admin_token=TOKEN)
+    cases = {
+        f"/v1/models/{MODEL}/versions/7": (404, {"model": MODEL, "version": 7}),
+        f"/v1/models/{MODEL}/versions/staging": (404, {"model": MODEL, "requested": "staging"}),
+        f"/v1/models/{MODEL}/versions/01": (422, {"model": MODEL, "requested": "01"}),
+    }
+    for path, (status, details) in cases.items():
+        response = client.get(path)
+        assert response.status_code == status, path
+        assert response.json()["error"]["details"] == details, path
+    unload = client.post(f"/v1/admin/models/{MODEL}/versions/9/unload", headers=ADMIN)
+    assert unload.status_code == 404
+    assert unload.json()["error"]["details"] == {"model": MODEL, "version": 9}
