@@ -26,7 +26,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
 import asyncio
-import io
 import json
 import sys
 import tempfile
@@ -40,7 +39,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without
 import numpy as np
 import torch
 from fastapi import FastAPI
-from PIL import Image
 from pydantic import TypeAdapter
 from starlette.requests import Request
 
@@ -53,6 +51,7 @@ from app.schemas import PredictResponse
 from app.service import Service
 from app.settings import load_settings
 from app.uploads import UploadLimits, read_files
+from benchmarks.photos import PHONE_2MP, WEB, photo_like
 from wastenet.artifacts import load_version, publish_version
 from wastenet.classes import CLASS_NAMES
 from wastenet.nets import ModelConfig, build_model
@@ -61,25 +60,6 @@ from wastenet.schema import Preprocessing
 MODEL = "waste-resnet18-cbam"
 BOUNDARY = b"overheadboundary0123456789"
 PREP = Preprocessing()  # 256 -> 224, the default
-
-
-def photo_like(width: int, height: int, seed: int) -> bytes:
-    """A JPEG with smooth shapes, edges and fine texture (decodes like a photo)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    base = np.stack(
-        [
-            128 + 80 * np.sin(x / (17 + 5 * c) + y / (23 + 3 * c) + c) * np.cos(y / (31 + c))
-            for c in range(3)
-        ],
-        axis=-1,
-    )
-    blocks = ((x // 97 + y // 61) % 3)[..., None] * 25.0
-    texture = rng.normal(0, 12, (height, width, 3))
-    pixels = np.clip(base + blocks + texture, 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
-    return buffer.getvalue()
 
 
 def multipart(files: list[bytes]) -> bytes:
@@ -283,7 +263,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="per measurement")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
-    photos = {"480x360 JPEG": photo_like(480, 360, 0), "2 MP JPEG": photo_like(1632, 1224, 1)}
+    photos = {"480x360 JPEG": photo_like(*WEB, seed=0), "2 MP JPEG": photo_like(*PHONE_2MP, seed=1)}
     figures: dict[str, float] = {}
     for kind, data in photos.items():
         figures[f"decode {kind}"] = cpu_per_call(
