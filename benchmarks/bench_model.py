@@ -58,11 +58,16 @@ class Recipe:
     quant_recipe: str = "conv"  # the product's default
 
     @property
-    def key(self) -> str:
-        key = (
+    def model_key(self) -> str:
+        """Names the trained network; every int8 recipe is exported from the same one."""
+        return (
             f"synth{self.images_per_class}-{self.image_size}px-e{self.epochs}-"
             f"in{self.input_size}-s{self.seed}"
         )
+
+    @property
+    def key(self) -> str:
+        key = self.model_key
         return key if self.quant_recipe == "conv" else f"{key}-{self.quant_recipe}"
 
     def train_args(self, data: Path, run: Path, repo: Path, device: str) -> list[str]:
@@ -76,16 +81,26 @@ class Recipe:
             *("--device", device, "--no-progress", "--no-plots"),
             *("--publish", str(repo), "--publish-name", MODEL_NAME),
             *("--int8", "--quant-recipe", self.quant_recipe, "--force"),
-            *("--description", f"serving benchmark model ({self.key}); synthetic images"),
+            *("--description", f"serving benchmark model ({self.model_key}); synthetic images"),
         ]
 
 
-def published_version(repo: Path) -> Path | None:
-    """The newest version of the benchmark model that ships both ONNX files, if any."""
+def _int8_recipe(version_dir: Path) -> str | None:
+    int8 = next((e for e in read_metadata(version_dir).exports if e.precision == "int8"), None)
+    if int8 is None or int8.quantization is None:
+        return None
+    return getattr(int8.quantization, "recipe", None)
+
+
+def published_version(repo: Path, quant_recipe: str | None = None) -> Path | None:
+    """The newest version of the benchmark model that ships both ONNX files (with its int8
+    file quantised by ``quant_recipe``, when given), if any."""
     model_dir = repo / MODEL_NAME
     for version in reversed(list_versions(model_dir)):
         path = model_dir / str(version)
-        if {e.precision for e in read_metadata(path).exports} >= {"fp32", "int8"}:
+        if {e.precision for e in read_metadata(path).exports} >= {"fp32", "int8"} and (
+            quant_recipe is None or _int8_recipe(path) == quant_recipe
+        ):
             return path
     return None
 
@@ -94,24 +109,48 @@ def _python(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "training", *args], cwd=ROOT, check=True)
 
 
+def _train(root: Path, recipe: Recipe, device: str, log: Log) -> None:
+    """Train and publish with the default int8 recipe; an interrupted run is continued from
+    its last checkpoint (``train --resume``: the same result as an uninterrupted run)."""
+    data, run, repo = root / "synth", root / "run", root / "models"
+    publish = Recipe(**{**recipe.__dict__, "quant_recipe": Recipe.quant_recipe})
+    args = publish.train_args(data, run, repo, device)
+    if (run / "checkpoints" / "last.pt").exists() and data.is_dir():
+        log(f"continuing the interrupted training run {run}")
+        # Only settings that do not change the result may be given with --resume.
+        keep = args[args.index("--device") :]
+        _python("train", "--resume", str(run), *keep)
+        return
+    log(f"training the benchmark model into {root} (about 10-15 min on 2 quiet CPU cores)")
+    synth = ("--images-per-class", str(recipe.images_per_class), "--size", str(recipe.image_size))
+    _python("synth", "--out", str(data), *synth, "--seed", str(recipe.seed), "--overwrite")
+    if run.exists():  # a run that never checkpointed: start over
+        shutil.rmtree(run)
+    _python("train", *args)
+
+
 def trained_version(work: Path, recipe: Recipe, device: str, log: Log = print) -> Path:
-    """Train and publish the benchmark model under ``work/recipe.key``, or reuse it."""
-    root = work / recipe.key
+    """The benchmark model with ``recipe.quant_recipe``'s int8 file, from the cache under
+    ``work/recipe.model_key``: trained (or continued) once; another int8 recipe is exported
+    from the same weights as a derived version (``training export``)."""
+    root = work / recipe.model_key
     repo = root / "models"
-    found = published_version(repo)
+    found = published_version(repo, recipe.quant_recipe)
     if found is not None:
         log(f"reusing the trained benchmark model {found}")
         return found
-    data, run = root / "synth", root / "run"
-    log(f"training the benchmark model into {root} (about 10-15 min on 2 CPU cores)")
-    synth = ("--images-per-class", str(recipe.images_per_class), "--size", str(recipe.image_size))
-    _python("synth", "--out", str(data), *synth, "--seed", str(recipe.seed), "--overwrite")
-    if run.exists():  # an interrupted earlier attempt: start over rather than resume
-        shutil.rmtree(run)
-    _python("train", *recipe.train_args(data, run, repo, device))
-    found = published_version(repo)
+    if published_version(repo) is None:
+        _train(root, recipe, device, log)
+    found = published_version(repo, recipe.quant_recipe)
     if found is None:
-        raise RuntimeError(f"training finished but {repo} holds no version with ONNX files")
+        base = published_version(repo)
+        if base is None:
+            raise RuntimeError(f"training finished but {repo} holds no version with ONNX files")
+        log(f"exporting {base} with the int8 recipe {recipe.quant_recipe}")
+        _python("export", str(base), "--int8", "--quant-recipe", recipe.quant_recipe, "--force")
+        found = published_version(repo, recipe.quant_recipe)
+    if found is None:
+        raise RuntimeError(f"{repo} holds no version with a {recipe.quant_recipe} int8 file")
     return found
 
 
