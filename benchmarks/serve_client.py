@@ -28,7 +28,9 @@ import sys
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 
 def build_request(host: str, port: int, path: str, images: list[bytes]) -> bytes:
@@ -133,8 +135,9 @@ class Results:
         return sum(len(t) for t in self.ok_spans.values()) / window_s
 
 
-async def closed_loop(args: argparse.Namespace, request: bytes, results: Results) -> None:
+async def closed_loop(args: argparse.Namespace, requests: list[bytes], results: Results) -> None:
     async def client(index: int) -> None:
+        request = requests[index % len(requests)]  # clients send different images
         conn = await Connection.open(args.host, args.port)
         while time.perf_counter() < results.stop_at:
             started = time.perf_counter()
@@ -154,12 +157,12 @@ async def closed_loop(args: argparse.Namespace, request: bytes, results: Results
     await asyncio.gather(*(client(i) for i in range(args.clients)))
 
 
-async def open_loop(args: argparse.Namespace, request: bytes, results: Results) -> None:
+async def open_loop(args: argparse.Namespace, requests: list[bytes], results: Results) -> None:
     idle: list[Connection] = []
     tasks: set[asyncio.Task[None]] = set()
-    skipped = 0
+    skipped = sent = 0
 
-    async def one(scheduled: float) -> None:
+    async def one(scheduled: float, request: bytes) -> None:
         conn = idle.pop() if idle else await Connection.open(args.host, args.port)
         try:
             status, keep_alive = await conn.roundtrip(request)
@@ -182,10 +185,12 @@ async def open_loop(args: argparse.Namespace, request: bytes, results: Results) 
         if len(tasks) >= args.max_connections:
             skipped += 1
         else:
-            task = asyncio.get_running_loop().create_task(one(next_at))
+            request = requests[sent % len(requests)]
+            task = asyncio.get_running_loop().create_task(one(next_at, request))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
         next_at += interval
+        sent += 1
     if tasks:
         await asyncio.wait(tasks, timeout=args.drain_timeout)
     for conn in idle:
@@ -211,10 +216,19 @@ def main() -> None:
     args = parser.parse_args()
 
     payloads = [p.read_bytes() for p in args.images]
-    images = [payloads[i % len(payloads)] for i in range(args.per_request)]
-    request = build_request(args.host, args.port, args.path, images)
+    # One request per starting image: request k holds images k, k+1, ... (cyclically).
+    requests = [
+        build_request(
+            args.host,
+            args.port,
+            args.path,
+            [payloads[(k + i) % len(payloads)] for i in range(args.per_request)],
+        )
+        for k in range(len(payloads))
+    ]
     start = time.perf_counter()
     results = Results(start + args.warmup, start + args.warmup + args.duration)
+    runner: Callable[[Coroutine[Any, Any, None]], None]
     try:
         import uvloop
 
@@ -222,10 +236,10 @@ def main() -> None:
     except ImportError:
         runner = asyncio.run
     if args.mode == "closed":
-        runner(closed_loop(args, request, results))
+        runner(closed_loop(args, requests, results))
         requests_per_s = results.closed_loop_rate()
     else:
-        runner(open_loop(args, request, results))
+        runner(open_loop(args, requests, results))
         requests_per_s = results.open_loop_rate(args.duration)
     json.dump(
         {
