@@ -143,7 +143,8 @@ def trained_version(work: Path, recipe: Recipe, device: str, log: Log = print) -
         _train(root, recipe, device, log)
     found = published_version(repo, recipe.quant_recipe)
     if found is None:
-        base = published_version(repo)
+        # The trained version itself, not one derived from it.
+        base = published_version(repo, Recipe.quant_recipe) or published_version(repo)
         if base is None:
             raise RuntimeError(f"training finished but {repo} holds no version with ONNX files")
         log(f"exporting {base} with the int8 recipe {recipe.quant_recipe}")
