@@ -78,6 +78,7 @@ from app.selection import (
 )
 from benchmarks import bench_model
 from benchmarks.photos import PHONE_2MP, WEB, write_photos
+from benchmarks.serve_client import build_request
 from wastenet.artifacts import load_version, read_metadata
 
 HERE = Path(__file__).resolve().parent
@@ -316,6 +317,7 @@ def make_servers(
     runs: list[Run], version_dir: Path, tmp: Path, args: argparse.Namespace
 ) -> dict[str, Server]:
     servers: dict[str, Server] = {}
+    repo = single_version_repo(version_dir, tmp)
     for run in runs:
         if run.server_key in servers:
             continue
@@ -326,7 +328,7 @@ def make_servers(
                 [sys.executable, "-m", "app"],
                 port,
                 "/health/ready",
-                env=service_env(version_dir, spec, port, args),
+                env=service_env(repo, version_dir.parent.name, spec, port, args),
                 metrics=True,
             )
         elif run.server == "litserve":
@@ -349,12 +351,24 @@ def make_servers(
     return servers
 
 
+def single_version_repo(version_dir: Path, tmp: Path) -> Path:
+    """A model repository holding only ``version_dir`` (a link), so that the service answers
+    with the version that the raw forward and LitServe use; the benchmark's own repository
+    also holds versions derived with other int8 recipes, and the service would serve the
+    newest of them."""
+    repo = tmp / "repo"
+    link = repo / version_dir.parent.name / version_dir.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(version_dir.resolve(), target_is_directory=True)
+    return repo
+
+
 def service_env(
-    version_dir: Path, spec: Spec, port: int, args: argparse.Namespace
+    repo: Path, model: str, spec: Spec, port: int, args: argparse.Namespace
 ) -> dict[str, str]:
     return {
-        "WASTE_MODEL_DIR": str(version_dir.parent.parent),
-        "WASTE_DEFAULT_MODEL": version_dir.parent.name,
+        "WASTE_MODEL_DIR": str(repo),
+        "WASTE_DEFAULT_MODEL": model,
         "WASTE_BOOTSTRAP_DEMO": "0",
         "WASTE_DEVICE": args.device,
         "WASTE_PORT": str(port),
@@ -366,6 +380,25 @@ def service_env(
         "WASTE_LOG_LEVEL": "warning",
         **spec.env,
     }
+
+
+def check_answer(server: Server, version_dir: Path, image: Path) -> None:
+    """One prediction: the server must answer with the measured backend and precision (and
+    the service with the measured version), or every figure of it would be another's."""
+    spec = SPECS[server.key.split(":")[1]].choice
+    expected: dict[str, object] = {"backend": spec.backend, "precision": spec.precision}
+    if server.key.startswith("service:"):
+        expected["version"] = int(version_dir.name)
+    request = build_request("127.0.0.1", server.port, "/v1/predict", [image.read_bytes()])
+    with socket.create_connection(("127.0.0.1", server.port), timeout=120) as conn:
+        conn.sendall(request.replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+        answer = b"".join(iter(lambda: conn.recv(65536), b""))
+    head, _, body = answer.partition(b"\r\n\r\n")
+    got = json.loads(body) if head.split()[1] == b"200" else {}
+    if {k: got.get(k) for k in expected} != expected:
+        raise RuntimeError(
+            f"{server.key} answered {head[:12]!r} {body[:300]!r}; expected {expected}"
+        )
 
 
 # -- one served run ---------------------------------------------------------------------
@@ -634,6 +667,7 @@ def measure_all(
         raw = Raw(version_dir, specs, caps, threads, args.max_batch_size)
         for server in servers.values():
             server.wait_ready()
+            check_answer(server, version_dir, images["480"][0])
             server.pause()
         raw.warmup_s = args.raw_warmup
         for round_index in range(args.rounds):
