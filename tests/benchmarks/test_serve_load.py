@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from benchmarks.serve_load import EAGER, Run, aggregate, plan_runs, target_lines
+from benchmarks.serve_load import (
+    EAGER,
+    Run,
+    aggregate,
+    plan_runs,
+    single_version_repo,
+    target_lines,
+)
 
 
 def _row(round_index: int, served: float, raw: float, cpu: float, raw_cpu: float) -> dict[str, Any]:
@@ -112,3 +120,13 @@ def test_plan_runs_serves_every_spec_and_litserve_only_where_asked() -> None:
         r.per_request > 1
         for r in plan_runs([EAGER], [], False, argparse.Namespace(clients=4, multi=0))
     )
+
+
+def test_the_service_is_given_a_repository_with_only_the_measured_version(tmp_path: Path) -> None:
+    model = tmp_path / "models" / "bench-model"
+    for version in (1, 5, 8):  # 8 is newest: the service would answer with it
+        (model / str(version)).mkdir(parents=True)
+        (model / str(version) / "model.json").write_text(str(version))
+    repo = single_version_repo(model / "5", tmp_path / "tmp")
+    assert [p.name for p in (repo / "bench-model").iterdir()] == ["5"]
+    assert (repo / "bench-model" / "5" / "model.json").read_text() == "5"
