@@ -9,8 +9,11 @@ fp32 PyTorch is measured on a trained model's held-out test split:
     python -m training train --data WORK/KEY/synth --out WORK/KEY/run --no-pretrained \\
         --epochs 8 --label-smoothing 0 --test-fraction 0.25 --publish WORK/KEY/models --int8 --force
 
-``KEY`` names the recipe (``synth60-256px-e8-in224-s0``), so a different recipe trains into
-its own folder and the same one is reused. ``--force`` keeps an int8 file below the 99%
+``KEY`` names the training recipe (``synth60-256px-e8-in224-s0``), so a different one trains
+into its own folder and the same one is reused; a run stopped part way is continued from its
+last checkpoint (``train --resume``). Another ``--quant-recipe`` is exported from the trained
+version's weights (``python -m training export VERSION --int8 --quant-recipe R --force``) as
+a derived version, without training again. ``--force`` keeps an int8 file below the 99%
 agreement threshold (recorded as forced) so that its speed can still be measured; the
 report says whether the threshold was met. Label smoothing is off because it trains the
 network to hedge: with near-tied classes, quantisation noise flips more answers.
