@@ -30,7 +30,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as python -m app does
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -40,17 +39,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without install
 
-from benchmarks.serve_load import (
-    free_port,
-    make_images,
-    percentiles,
-    publish_random_model,
-    run_client,
-    stop,
-    wait_ready,
-)
+from benchmarks.backends_raw import MODEL as NAME
+from benchmarks.backends_raw import publish
+from benchmarks.photos import write_photos
+from benchmarks.serve_load import Server, free_port, percentiles, run_client
 
-NAME = "bench-explain"
 PLACEMENTS = ("own", "own-busy", "own-all", "inference")
 LAUNCHER = textwrap.dedent(
     """
@@ -64,9 +57,8 @@ LAUNCHER = textwrap.dedent(
 )
 
 
-def start(repo: Path, port: int, placement: str, args: argparse.Namespace) -> Any:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("WASTE_")}
-    env |= {
+def start(repo: Path, port: int, placement: str, args: argparse.Namespace) -> Server:
+    env = {
         "WASTE_MODEL_DIR": str(repo),
         "WASTE_DEFAULT_MODEL": NAME,
         "WASTE_BOOTSTRAP_DEMO": "0",
@@ -78,9 +70,11 @@ def start(repo: Path, port: int, placement: str, args: argparse.Namespace) -> An
         "WASTE_EXPLAIN_MAX_BUSY": "0.5" if placement == "own" else "1",
         "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
     }
-    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, placement], env=env)
-    wait_ready(port, proc)
-    return proc
+    cmd = [sys.executable, "-c", LAUNCHER, placement]
+    server = Server(key=f"explain-{placement}", cmd=cmd, port=port, health="/health/ready", env=env)
+    server.start()
+    server.wait_ready()
+    return server
 
 
 def measure(port: int, images: list[Path], args: argparse.Namespace, explain: bool) -> Any:
@@ -101,7 +95,7 @@ def run_placement(
     repo: Path, images: list[Path], placement: str, args: argparse.Namespace
 ) -> dict[str, Any]:
     port = free_port()
-    proc = start(repo, port, placement, args)
+    server = start(repo, port, placement, args)
     alone: list[float] = []
     loaded: list[float] = []
     p99_alone: list[float] = []
@@ -123,7 +117,7 @@ def run_placement(
             for key, value in explained["statuses"].items():
                 statuses[key] = statuses.get(key, 0) + value
     finally:
-        code = stop(proc)
+        code = server.stop()
     ratios = [b / a for a, b in zip(alone, loaded, strict=True)]
     return {
         "placement": placement,
@@ -153,8 +147,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="explain-bench-") as tmp:
         repo = Path(tmp) / "models"
-        publish_random_model(repo, NAME, args.input_size)
-        images = make_images(round(args.input_size * 256 / 224), 8, Path(tmp))
+        publish(repo, args.input_size)
+        images = write_photos((480, 360), 8, Path(tmp), "photo")
         rows = [run_placement(repo, images, p, args) for p in args.placements]
     print(
         f"\npredict: {args.clients} clients x 1 image; explain: {args.explain_clients} clients "
