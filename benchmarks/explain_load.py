@@ -18,7 +18,7 @@ placement restarts the service:
 Rounds alternate "predict alone" and "predict + explain" on the same running service, so
 each slowdown is measured against the baseline taken just before it.
 
-    python benchmarks/explain_load.py                      # about 4 minutes on 2 cores
+    python benchmarks/explain_load.py                      # about 7 minutes on 2 cores
     python benchmarks/explain_load.py --rounds 1 --duration 10 --placements own
 """
 
