@@ -13,9 +13,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BeforeValidator, WithJsonSchema
 
 from app.errors import BadRequest, Unprocessable, error_responses
+from app.params import ModelName, VersionSpec
 from app.schemas import (
     VERSION_NUMBER_PATTERN,
-    VERSION_SPEC_PATTERN,
     AliasUpdate,
     ExplainResponse,
     Liveness,
@@ -31,31 +31,12 @@ from app.service import Service, service_from
 from wastenet.schema import (
     ALIAS_RE,
     MAX_VERSION,
-    MODEL_NAME_RE,
     RESERVED_ALIASES,
     VERSION_RULE,
     parse_version,
 )
 
 ServiceDep = Annotated[Service, Depends(service_from)]
-# The name, version and alias rules are documented as patterns, not enforced by FastAPI:
-# the registry answers a name or version that breaks them with its own precise code
-# (unknown_model, invalid_version, invalid_alias) rather than a generic invalid_request.
-ModelName = Annotated[
-    str,
-    Path(
-        description="Model name, e.g. waste-resnet18-cbam.",
-        json_schema_extra={"pattern": MODEL_NAME_RE.pattern},
-    ),
-]
-VersionSpec = Annotated[
-    str,
-    Path(
-        description=f"A version number ({VERSION_RULE}), 'latest' (highest ready version) "
-        "or an alias.",
-        json_schema_extra={"pattern": VERSION_SPEC_PATTERN},
-    ),
-]
 
 
 def _version_text(value: object) -> object:
@@ -383,6 +364,7 @@ async def unload_version(
     return await service.admin.unload(name, version, force)
 
 
+# Documented, not enforced by FastAPI: _check_alias answers invalid_alias (see app.params).
 AliasName = Annotated[
     str,
     Path(

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Request
+from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 from pydantic import BaseModel
 
 from app.errors import protocol_error_responses
-from app.schemas import VERSION_SPEC_PATTERN
+from app.params import ModelName, VersionSpec
 from app.service import Service, service_from
 from app.v2 import codec
 from app.v2.schemas import (
@@ -22,7 +22,6 @@ from app.v2.schemas import (
     ServerReady,
 )
 from app.v2.service import OpenInference
-from wastenet.schema import MODEL_NAME_RE, VERSION_RULE
 
 TAG = "open inference protocol (v2)"
 
@@ -32,23 +31,6 @@ async def _protocol(service: Annotated[Service, Depends(service_from)]) -> OpenI
 
 
 Protocol = Annotated[OpenInference, Depends(_protocol)]
-# Patterns documented, not enforced: as on /v1 (app/routes.py), the registry names the
-# problem (400 here) more precisely than a generic validation error would.
-ModelName = Annotated[
-    str,
-    Path(
-        description="Model name, e.g. waste-resnet18-cbam.",
-        json_schema_extra={"pattern": MODEL_NAME_RE.pattern},
-    ),
-]
-VersionSpec = Annotated[
-    str,
-    Path(
-        description=f"A version number ({VERSION_RULE}), 'latest' (highest ready version) "
-        "or an alias.",
-        json_schema_extra={"pattern": VERSION_SPEC_PATTERN},
-    ),
-]
 HeaderLength = Annotated[
     str | None,
     Header(
