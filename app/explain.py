@@ -44,10 +44,10 @@ from starlette.requests import Request
 from torch import nn
 
 from app.backends import TorchBackend
-from app.errors import PayloadTooLarge, ServiceError, Unavailable, Unprocessable
+from app.errors import PayloadTooLarge, Unavailable, Unprocessable
 from app.images import DecodedImage, ImageRejected, decode_image
 from app.lifecycle import Lifecycle
-from app.metrics import Metrics
+from app.metrics import Metrics, counted
 from app.prediction import no_usable_image
 from app.registry import ServedVersion, VersionEntry
 from app.schemas import (
@@ -187,32 +187,11 @@ class Explainer:
         target: str | None,
     ) -> ExplainResponse:
         """Explain the request's uploads with a version chosen as predict chooses it."""
-        started = time.perf_counter()
         lifecycle = self._lifecycle
-        registry = lifecycle.require_registry()
         name = name or lifecycle.settings.default_model
-        model_label, version_label, status = "unknown", "none", 500
-        try:
-            if name in registry.models:
-                model_label = name
-            elif not lifecycle.started:
-                raise Unavailable(
-                    f"not ready: {lifecycle.stage}", code="not_ready", retry_after_s=5
-                )
-            entry, served = registry.resolve(name, spec)
-            version_label = str(entry.version)
-            result = await self._explain(request, entry, served, top_k, target)
-            status = 200
-            return result
-        except ServiceError as exc:
-            status = exc.status_code
-            raise
-        finally:
-            self._metrics.explain_requests.labels(model_label, version_label, str(status)).inc()
-            if status == 200:
-                self._metrics.explain_latency.labels(model_label, version_label).observe(
-                    time.perf_counter() - started
-                )
+        with counted(self._metrics.explain_requests, self._metrics.explain_latency) as labels:
+            entry, served = lifecycle.resolve(name, spec, labels)
+            return await self._explain(request, entry, served, top_k, target)
 
     async def _explain(
         self,

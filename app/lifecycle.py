@@ -17,8 +17,8 @@ from app.bootstrap import Bootstrap, bootstrap_once, check_repository
 from app.errors import Unavailable
 from app.images import configure_pillow
 from app.inference import configure_threads, usable_cores
-from app.metrics import Metrics
-from app.registry import ModelRegistry
+from app.metrics import Metrics, RequestLabels
+from app.registry import ModelRegistry, ServedVersion, VersionEntry
 from app.selection import resolve
 from app.settings import Settings
 
@@ -74,6 +74,24 @@ class Lifecycle:
         if self.registry is None:
             raise Unavailable("the service is starting", code="not_ready")
         return self.registry
+
+    def registry_for(self, name: str) -> ModelRegistry:
+        """The registry, or 503 while start-up has not yet listed the model ``name``."""
+        registry = self.require_registry()
+        if name not in registry.models and not self.started:
+            raise Unavailable(f"not ready: {self.stage}", code="not_ready", retry_after_s=5)
+        return registry
+
+    def resolve(
+        self, name: str, spec: str | None, labels: RequestLabels
+    ) -> tuple[VersionEntry, ServedVersion]:
+        """A request's version by the registry's rule; ``labels`` get what exists of it."""
+        registry = self.registry_for(name)
+        if name in registry.models:  # never a label a client made up
+            labels.model = name
+        entry, served = registry.resolve(name, spec)
+        labels.version = str(entry.version)
+        return entry, served
 
     async def start(self) -> None:
         """Validate the repository, start the executors and the background start-up."""

@@ -9,12 +9,15 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.batcher import BatchStats
+from app.errors import ServiceError
 from app.registry import ModelRegistry, VersionEntry
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -26,6 +29,32 @@ RATE_WINDOW_S = 10.0
 def _prune(recent: deque[tuple[float, int]], now: float) -> None:
     while recent and recent[0][0] < now - RATE_WINDOW_S:
         recent.popleft()
+
+
+@dataclass
+class RequestLabels:
+    """A request's labels, filled in as its model and version become known (module doc)."""
+
+    model: str = "unknown"
+    version: str = "none"
+
+
+@contextmanager
+def counted(requests: Counter, latency: Histogram) -> Iterator[RequestLabels]:
+    """Count one request by model, version and final status; time it when it succeeded."""
+    started = time.perf_counter()
+    labels = RequestLabels()
+    status = 500
+    try:
+        yield labels
+        status = 200
+    except ServiceError as exc:
+        status = exc.status_code
+        raise
+    finally:
+        requests.labels(labels.model, labels.version, str(status)).inc()
+        if status == 200:
+            latency.labels(labels.model, labels.version).observe(time.perf_counter() - started)
 
 
 class Metrics:

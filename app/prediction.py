@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -23,7 +22,7 @@ from app.errors import ServiceError, Unavailable, Unprocessable
 from app.images import DecodedImage, ImageRejected, decode_image
 from app.inference import InferenceItem, TopK
 from app.lifecycle import Lifecycle
-from app.metrics import Metrics
+from app.metrics import Metrics, counted
 from app.registry import ServedVersion, VersionEntry
 from app.schemas import (
     UNCERTAIN,
@@ -84,35 +83,12 @@ class Predictor:
         Images whose top probability is below ``min_confidence`` (default:
         WASTE_MIN_CONFIDENCE) are answered 'uncertain'.
         """
-        started = time.perf_counter()
+        settings = self._lifecycle.settings
         if min_confidence is None:
-            min_confidence = self._lifecycle.settings.min_confidence
-        lifecycle = self._lifecycle
-        registry = lifecycle.require_registry()
-        name = name or lifecycle.settings.default_model
-        model_label, version_label = "unknown", "none"
-        status = 500
-        try:
-            if name in registry.models:
-                model_label = name
-            elif not lifecycle.started:
-                raise Unavailable(
-                    f"not ready: {lifecycle.stage}", code="not_ready", retry_after_s=5
-                )
-            entry, served = registry.resolve(name, spec)
-            version_label = str(entry.version)
-            result = await self._predict(request, entry, served, top_k, min_confidence)
-            status = 200
-            return result
-        except ServiceError as exc:
-            status = exc.status_code
-            raise
-        finally:
-            self._metrics.requests.labels(model_label, version_label, str(status)).inc()
-            if status == 200:
-                self._metrics.latency.labels(model_label, version_label).observe(
-                    time.perf_counter() - started
-                )
+            min_confidence = settings.min_confidence
+        with counted(self._metrics.requests, self._metrics.latency) as labels:
+            entry, served = self._lifecycle.resolve(name or settings.default_model, spec, labels)
+            return await self._predict(request, entry, served, top_k, min_confidence)
 
     def shed(self, path: str) -> Unavailable | None:
         """The 503 for a prediction whose version's queue is full, decided from the path.

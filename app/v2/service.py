@@ -11,14 +11,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib.metadata
-import time
 
 from starlette.requests import Request
 
-from app.errors import ServiceError, Unavailable
+from app.errors import Unavailable
 from app.health import Health
 from app.lifecycle import Lifecycle
-from app.metrics import Metrics
+from app.metrics import Metrics, counted
 from app.prediction import overloaded
 from app.registry import ModelRegistry, ServedVersion, VersionEntry
 from app.tensor_prediction import TensorPredictor
@@ -114,32 +113,15 @@ class OpenInference:
         self, request: Request, name: str, spec: str | None, header_length: str | None
     ) -> codec.InferenceAnswer:
         """One inference request, counted in the request and latency metrics like /v1's."""
-        started = time.perf_counter()
-        model_label, version_label, status = "unknown", "none", 500
-        try:
-            registry = self._registry(name)
-            if name in registry.models:  # never a label a client made up
-                model_label = name
-            entry, served = registry.resolve(name, spec)
-            version_label = str(entry.version)
+        with counted(self._metrics.requests, self._metrics.latency) as labels:
+            entry, served = self._lifecycle.resolve(name, spec, labels)
             if not served.batcher.has_room(1):
                 # Refuse before reading the body: overload costs us almost nothing.
                 raise overloaded(entry, served.batcher.retry_after_s())
             # The body is held (FP32 data is used in place) until the answer is encoded.
             with hold_body_memory(request, self._limits, self._memory, multipart=False) as hold:
                 body = await codec.read_body(request, self._limits, hold)
-                result = await self._answer(body, entry, served, header_length)
-            status = 200
-            return result
-        except ServiceError as exc:
-            status = exc.status_code
-            raise
-        finally:
-            self._metrics.requests.labels(model_label, version_label, str(status)).inc()
-            if status == 200:
-                self._metrics.latency.labels(model_label, version_label).observe(
-                    time.perf_counter() - started
-                )
+                return await self._answer(body, entry, served, header_length)
 
     async def _answer(
         self, body: bytearray, entry: VersionEntry, served: ServedVersion, header_length: str | None
@@ -169,9 +151,4 @@ class OpenInference:
         return codec.answer(response, probs, model.class_names, parsed.output)
 
     def _registry(self, name: str) -> ModelRegistry:
-        """The registry, or 503 while start-up has not yet listed the models."""
-        lifecycle = self._lifecycle
-        registry = lifecycle.require_registry()
-        if name not in registry.models and not lifecycle.started:
-            raise Unavailable(f"not ready: {lifecycle.stage}", code="not_ready", retry_after_s=5)
-        return registry
+        return self._lifecycle.registry_for(name)
