@@ -11,13 +11,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from wastenet.nets.cbam import CBAM
 from wastenet.nets.common import (
     AttnLayer,
     Classifier,
     WithAttention,
     attention_layer,
-    fold_into_input,
+    fold_after_relu,
     make_head,
     reset_own_modules,
 )
@@ -82,11 +81,7 @@ class AlexNet(Classifier):
         return parts | {"classifier.1": "layer4", "classifier.4": "layer4", "classifier.6": "head"}
 
     def fold_attention_start(self) -> list[str]:
-        for i, layer in enumerate(self.features):
-            if isinstance(layer, WithAttention) and isinstance(layer.attn, CBAM):
-                # conv -> ReLU -> CBAM: the ReLU passes a positive factor on.
-                fold_into_input(self.features[i - 1])
-        return []
+        return fold_after_relu(self.features)  # conv -> ReLU -> CBAM
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)

@@ -121,6 +121,18 @@ def fold_into_input(layer: nn.Module) -> None:
     scale_output(layer, 1.0 / START_SCALE)
 
 
+def fold_after_relu(features: nn.Sequential) -> list[str]:
+    """Fold each fresh CBAM of a plain conv stack into the layer before it.
+
+    In ``conv (-> BatchNorm) -> ReLU -> CBAM`` the ReLU passes a positive factor on, so the
+    layer feeding it takes the factor. Returns the CBAMs left unfolded: none.
+    """
+    for i, layer in enumerate(features):
+        if isinstance(layer, WithAttention) and isinstance(layer.attn, CBAM):
+            fold_into_input(features[i - 1])
+    return []
+
+
 def fold_into_successor(norms: list[nn.Module]) -> None:
     """Cancel a fresh CBAM's START_SCALE in the BatchNorms right after the convolutions
     that read its output (and nothing else reads it)."""

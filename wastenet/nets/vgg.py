@@ -10,13 +10,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from wastenet.nets.cbam import CBAM
 from wastenet.nets.common import (
     AttnLayer,
     Classifier,
     WithAttention,
     attention_layer,
-    fold_into_input,
+    fold_after_relu,
     make_head,
     reset_own_modules,
 )
@@ -102,11 +101,7 @@ class VGG(Classifier):
         return parts | {"classifier.0": "layer4", "classifier.3": "layer4", "classifier.6": "head"}
 
     def fold_attention_start(self) -> list[str]:
-        for i, layer in enumerate(self.features):
-            if isinstance(layer, WithAttention) and isinstance(layer.attn, CBAM):
-                # conv -> BatchNorm -> ReLU -> CBAM: the ReLU passes a positive factor on.
-                fold_into_input(self.features[i - 1])
-        return []
+        return fold_after_relu(self.features)  # conv -> BatchNorm -> ReLU -> CBAM
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.features(x)
