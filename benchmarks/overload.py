@@ -53,6 +53,7 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.serve_load import free_port, run_client
 from wastenet.artifacts import publish_version
 from wastenet.classes import CLASS_NAMES
 from wastenet.nets import ModelConfig, build_model
@@ -95,12 +96,6 @@ def jpegs(size: int, count: int, out: Path) -> list[Path]:
     return paths
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def wait_ready(port: int, proc: subprocess.Popen[bytes] | None, timeout: float = 180.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -112,16 +107,6 @@ def wait_ready(port: int, proc: subprocess.Popen[bytes] | None, timeout: float =
         except (urllib.error.URLError, OSError):
             time.sleep(0.25)
     raise RuntimeError("the service did not become ready in time")
-
-
-def client(port: int, images: list[Path], **options: Any) -> dict[str, Any]:
-    cmd = [sys.executable, str(HERE / "serve_client.py"), "--port", str(port), "--images"]
-    cmd += [str(p) for p in images]
-    for key, value in options.items():
-        cmd += [f"--{key.replace('_', '-')}", str(value)]
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    result: dict[str, Any] = json.loads(out.stdout)
-    return result
 
 
 def settings(repo: Path, args: argparse.Namespace) -> dict[str, str]:
@@ -242,7 +227,7 @@ class InProcess:
 
     def cpu_per_answer(self, images: list[Path], **options: Any) -> dict[str, Any]:
         answered, before, loop_before = self.answers(), time.process_time(), self.loop_cpu_s()
-        result = client(self.port, images, **options)
+        result = run_client(self.port, images, **options)
         cpu, loop = time.process_time() - before, self.loop_cpu_s() - loop_before
         count = self.answers() - answered
         result["cpu_ms_per_answer"] = cpu / count * 1000
@@ -301,7 +286,7 @@ def measured(port: int, pid: int, images: list[Path], **options: Any) -> dict[st
     """One client run, with the service's CPU time and mean batch size meanwhile."""
     images_before, batches_before = batch_totals(port)
     cpu_before = process_cpu_s(pid)
-    result = client(port, images, **options)
+    result = run_client(port, images, **options)
     result["server_cpu_s"] = process_cpu_s(pid) - cpu_before
     result["warmup_s"] = options["warmup"]
     images_after, batches_after = batch_totals(port)
