@@ -54,19 +54,27 @@ from wastenet.schema import (
 MODEL = "bench-resnet18-cbam"
 
 
-def publish(repo: Path, input_size: int) -> Path:
+def publish_random(repo: Path, name: str, prep: Preprocessing) -> Path:
+    """Publish a randomly initialised ResNet-18-CBAM (seed 0): speed only, no accuracy."""
     torch.manual_seed(0)
     config = ModelConfig()
     evaluation = {
-        "split": "test",
-        "num_samples": 1,
+        "split": "none",
+        "num_samples": 0,
         "accuracy": 0.0,
         "macro_f1": 0.0,
         "per_class_f1": dict.fromkeys(CLASS_NAMES, 0.0),
     }
-    prep = Preprocessing(resize_size=input_size * 8 // 7, input_size=input_size)
-    ref = publish_version(repo, MODEL, build_model(config), config, CLASS_NAMES, evaluation, prep)
+    ref = publish_version(
+        repo, name, build_model(config), config, CLASS_NAMES, evaluation, prep,
+        description="randomly initialised, for benchmarks only",
+    )  # fmt: skip
     return ref.path
+
+
+def publish(repo: Path, input_size: int) -> Path:
+    prep = Preprocessing(resize_size=input_size * 8 // 7, input_size=input_size)
+    return publish_random(repo, MODEL, prep)
 
 
 def export(version_dir: Path, input_size: int, calibration_images: int = 16) -> None:

@@ -49,14 +49,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable without install
 
 import numpy as np
-import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
+from benchmarks.backends_raw import publish_random
 from benchmarks.serve_load import free_port, run_client
-from wastenet.artifacts import publish_version
-from wastenet.classes import CLASS_NAMES
-from wastenet.nets import ModelConfig, build_model
 from wastenet.schema import Preprocessing
 
 HERE = Path(__file__).resolve().parent
@@ -65,20 +62,8 @@ MODEL = "waste-resnet18-cbam"
 
 
 def publish(repo: Path, input_size: int) -> Preprocessing:
-    torch.manual_seed(0)
-    config = ModelConfig(arch="resnet18", cbam="block")
     prep = Preprocessing(resize_size=round(input_size * 256 / 224), input_size=input_size)
-    evaluation = {
-        "split": "none",
-        "num_samples": 0,
-        "accuracy": 0.0,
-        "macro_f1": 0.0,
-        "per_class_f1": dict.fromkeys(CLASS_NAMES, 0.0),
-    }
-    publish_version(
-        repo, MODEL, build_model(config), config, CLASS_NAMES, evaluation, prep,
-        description="randomly initialised, for benchmarks only",
-    )  # fmt: skip
+    publish_random(repo, MODEL, prep)
     return prep
 
 

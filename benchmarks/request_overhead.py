@@ -51,10 +51,10 @@ from app.schemas import PredictResponse
 from app.service import Service
 from app.settings import load_settings
 from app.uploads import UploadLimits, read_files
+from benchmarks.backends_raw import publish_random
 from benchmarks.photos import PHONE_2MP, WEB, photo_like
-from wastenet.artifacts import load_version, publish_version
+from wastenet.artifacts import load_version
 from wastenet.classes import CLASS_NAMES
-from wastenet.nets import ModelConfig, build_model
 from wastenet.schema import Preprocessing
 
 MODEL = "waste-resnet18-cbam"
@@ -119,16 +119,7 @@ def cpu_per_call(fn: Callable[[], Any], seconds: float) -> float:
 
 
 def publish(repo: Path) -> None:
-    torch.manual_seed(0)
-    config = ModelConfig()
-    evaluation = {
-        "split": "test",
-        "num_samples": 1,
-        "accuracy": 0.0,
-        "macro_f1": 0.0,
-        "per_class_f1": dict.fromkeys(CLASS_NAMES, 0.0),
-    }
-    publish_version(repo, MODEL, build_model(config), config, CLASS_NAMES, evaluation, PREP)
+    publish_random(repo, MODEL, PREP)
 
 
 def null_network(service: Service) -> None:
