@@ -6,27 +6,15 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from app.main import create_app
-from app.service import Service
-from tests.app.conftest import MODEL, image_bytes, inference_blocked, settings_for, wait_until
-from tests.app.live import answered, connect, live_server, post_head, read_response
+from tests.app.conftest import MODEL, image_bytes, inference_blocked, wait_until
+from tests.app.live import answered, connect, post_head, read_response
+from tests.app.test_uploads_live import serving
 
 MiB = 1024 * 1024
 INFER = f"/v2/models/{MODEL}/infer"
-
-
-@contextmanager
-def serving(repo: Path, **overrides: Any) -> Iterator[tuple[int, Service]]:
-    app = create_app(settings_for(repo, **overrides))
-    with live_server(app) as port:
-        service = app.state.service
-        assert isinstance(service, Service)
-        yield port, service
 
 
 def infer_head(length: int, path: str = INFER) -> bytes:
