@@ -71,7 +71,9 @@ def _evaluation(accuracy: float) -> dict[str, Any]:
     }
 
 
-def publish_random(repo: Path, name: str, seed: int, cbam: str = "block") -> Path:
+def publish_random(
+    repo: Path, name: str, seed: int, cbam: str = "block", prep: Preprocessing = PREPROCESSING
+) -> Path:
     torch.manual_seed(seed)
     config = ModelConfig(cbam=cbam)  # type: ignore[arg-type]
     ref = publish_version(
@@ -81,7 +83,7 @@ def publish_random(repo: Path, name: str, seed: int, cbam: str = "block") -> Pat
         config,
         CLASS_NAMES,
         _evaluation(0.5 + seed / 100),
-        PREPROCESSING,
+        prep,
         training_config={"seed": seed},
         description=f"random init, seed {seed}",
     )

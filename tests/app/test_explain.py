@@ -29,6 +29,7 @@ from tests.app.conftest import (
     add_version,
     files,
     link_tree,
+    publish_random,
     replace_file,
     service_of,
     settings_for,
@@ -36,10 +37,9 @@ from tests.app.conftest import (
     wait_until,
 )
 from tests.app.test_api import assert_error
-from wastenet.artifacts import load_version, publish_version
+from wastenet.artifacts import load_version
 from wastenet.classes import CLASS_NAMES
 from wastenet.explain import Explanation, explain, overlay
-from wastenet.nets import ModelConfig, build_model
 from wastenet.preprocess import eval_transform, resize_crop, to_rgb
 from wastenet.schema import WEIGHTS_FILE, Preprocessing
 
@@ -51,38 +51,21 @@ MAP = SIZE // 32  # ResNet's last feature map: 3x3
 
 
 def publish_sized(repo: Path, name: str, seed: int, cbam: str = "block") -> Path:
-    torch.manual_seed(seed)
-    config = ModelConfig(cbam=cbam)  # type: ignore[arg-type]
-    evaluation = {
-        "split": "test",
-        "num_samples": 12,
-        "accuracy": 0.5,
-        "macro_f1": 0.25,
-        "per_class_f1": {c: 0.25 for c in CLASS_NAMES},
-    }
-    ref = publish_version(
-        repo,
-        name,
-        build_model(config),
-        config,
-        CLASS_NAMES,
-        evaluation,
-        PREP,
-        training_config={"seed": seed},
-        description=f"random init, seed {seed}, {SIZE} px",
-    )
-    return ref.path
+    return publish_random(repo, name, seed, cbam, prep=PREP)
 
 
-@pytest.fixture(scope="session")
-def explain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def publish_explain_repo(repo: Path) -> Path:
     """MODEL v1, v2 (CBAM, different weights; production -> v1) and PLAIN v1 (no CBAM)."""
-    repo = tmp_path_factory.mktemp("explain") / "models"
     publish_sized(repo, MODEL, seed=11)
     publish_sized(repo, MODEL, seed=12)
     publish_sized(repo, PLAIN, seed=13, cbam="none")
     (repo / MODEL / "aliases.json").write_text(json.dumps({"production": 1}))
     return repo
+
+
+@pytest.fixture(scope="session")
+def explain_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return publish_explain_repo(tmp_path_factory.mktemp("explain") / "models")
 
 
 @pytest.fixture

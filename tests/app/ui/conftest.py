@@ -9,7 +9,6 @@ apt-get needed; without them the tests skip, saying why). Screenshots go to
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -21,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.app.test_explain import MODEL, PLAIN, publish_sized
+from tests.app.test_explain import publish_explain_repo
 from tests.deploy.engine import apt_install
 from tests.deploy.serving import free_port, stop, wait_ready
 
@@ -103,13 +102,8 @@ def screenshots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def ui_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """96 px versions: MODEL v1 (production) and v2 (CBAM), PLAIN v1 (no CBAM)."""
-    repo = tmp_path_factory.mktemp("ui") / "models"
-    publish_sized(repo, MODEL, seed=11)
-    publish_sized(repo, MODEL, seed=12)
-    publish_sized(repo, PLAIN, seed=13, cbam="none")
-    (repo / MODEL / "aliases.json").write_text(json.dumps({"production": 1}))
-    return repo
+    """The explain tests' versions: 96 px MODEL v1 (production) and v2, PLAIN v1 (no CBAM)."""
+    return publish_explain_repo(tmp_path_factory.mktemp("ui") / "models")
 
 
 @pytest.fixture(scope="module")
