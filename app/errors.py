@@ -201,17 +201,6 @@ class Unavailable(ServiceError):
         super().__init__(message, code=code, details=details, headers={"Retry-After": retry})
 
 
-def error_response(
-    status_code: int,
-    code: str,
-    message: str,
-    details: dict[str, Any] | None = None,
-    headers: dict[str, str] | None = None,
-) -> JSONResponse:
-    body = {"error": {"code": code, "message": message, "details": details}}
-    return JSONResponse(body, status_code=status_code, headers=headers)
-
-
 def _respond(
     request: Request,
     status_code: int,
@@ -225,7 +214,8 @@ def _respond(
         # is 422 on /v1), and /v2's document names no 422.
         status = 400 if status_code == 422 else status_code
         return JSONResponse({"error": message}, status_code=status, headers=headers)
-    return error_response(status_code, code, message, details, headers)
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return JSONResponse(body, status_code=status_code, headers=headers)
 
 
 _METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
